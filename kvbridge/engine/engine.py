@@ -1,0 +1,159 @@
+"""The engine: schedule → run → sample → postprocess, one step at a time.
+
+Not thread-safe: one thread calls everything (AsyncEngine wraps it for the server).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvbridge.config import EngineConfig
+from kvbridge.engine.block_pool import BlockPool
+from kvbridge.engine.kv_cache import TORCH_DTYPES, KVCache, KVLayout, num_blocks_for_memory
+from kvbridge.engine.model_runner import ModelRunner
+from kvbridge.engine.models.llama import LlamaModel, Rotary
+from kvbridge.engine.output import OutputState, emit, token_stop
+from kvbridge.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
+from kvbridge.engine.sampler import sample
+from kvbridge.engine.scheduler import Scheduler
+from kvbridge.engine.tokenizer import Tokenizer
+from kvbridge.engine.weights import load_model
+
+log = logging.getLogger("kvbridge.engine")
+
+
+@dataclass
+class EngineStats:
+    num_blocks: int
+    num_free_blocks: int
+    num_waiting: int
+    num_running: int
+    num_preemptions: int
+    prefix_cache_hit_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        t0 = time.perf_counter()
+        self.config = config
+        threads = config.num_threads or os.cpu_count() or 1
+        torch.set_num_threads(threads)
+        device = torch.device(config.device)
+        dtype = TORCH_DTYPES[config.dtype]
+
+        spec, weights = load_model(config.model, dtype=dtype, device=device)
+        self.spec = spec
+        self.tokenizer = Tokenizer.load(config.model)
+        self.model_name = config.model_name
+        self.max_model_len = config.max_model_len or spec.max_position_embeddings
+
+        with torch.device("meta"):
+            model = LlamaModel(spec, 1, torch.device("meta"))
+        model = model.to_empty(device=device).to(dtype)
+        model.load_weights(weights)
+        if spec.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.rope = Rotary(spec.head_dim, spec.rope_theta, self.max_model_len, device)
+        self.model = model.eval()
+        del weights
+
+        num_blocks = config.num_kv_blocks or num_blocks_for_memory(
+            config.kv_cache_memory_mb, spec.num_layers, spec.num_kv_heads, config.block_size, spec.head_dim, config.dtype
+        )
+        self.layout = KVLayout(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim, config.dtype)
+        self.kv_cache = KVCache(self.layout, device)
+        self.block_pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_pool, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_cache)
+        self._outputs: dict[str, OutputState] = {}
+        self.num_preemptions = 0
+        self.prefix_cache_hit_tokens = 0
+        self.load_seconds = time.perf_counter() - t0
+        log.info(
+            "engine ready: model=%s dtype=%s device=%s layers=%d kv_blocks=%d x %d tokens (%.0f MiB) threads=%d load=%.1fs",
+            self.model_name, config.dtype, device, spec.num_layers, num_blocks, config.block_size,
+            self.layout.total_bytes / 2**20, threads, self.load_seconds,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise RequestError("the prompt is empty")
+        if n + params.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {n + params.max_tokens} "
+                f"were requested ({n} in the prompt, {params.max_tokens} to generate); shorten the prompt or lower max_tokens"
+            )
+        if self.block_pool.blocks_needed(n + params.max_tokens) > self.block_pool.num_blocks:
+            raise RequestError(
+                f"the request needs {self.block_pool.blocks_needed(n + params.max_tokens)} KV blocks but the pool "
+                f"has {self.block_pool.num_blocks}; lower max_tokens or raise engine.kv_cache_memory_mb"
+            )
+        if any(not 0 <= t < self.spec.vocab_size for t in prompt_token_ids):
+            raise RequestError(f"prompt token ids must be in [0, {self.spec.vocab_size})")
+        req = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.tokenizer.eos_token_ids)
+        self.scheduler.add(req)
+        holdback = max((len(s) for s in params.stop), default=1) - 1
+        self._outputs[request_id] = OutputState(self.tokenizer.detokenizer(), holdback=holdback)
+
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        self._outputs.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()  # 1) schedule
+        self.num_preemptions += batch.num_preempted
+        if batch.empty:
+            return []
+        logits, sampling = self.runner.execute(batch)  # 2) run
+        self.scheduler.advance(batch)
+        reqs = [batch.requests[i] for i in sampling]
+        tokens, logprobs = sample(logits, reqs)  # 3) sample
+        return [self._postprocess(r, t, lp) for r, t, lp in zip(reqs, tokens, logprobs)]  # 4) postprocess
+
+    def _postprocess(self, req: Request, token: int, logprob: float | None) -> RequestOutput:
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+            self.prefix_cache_hit_tokens += req.num_cached_tokens
+        req.output_token_ids.append(token)
+        reason = token_stop(req, token, self.max_model_len)
+        st = self._outputs[req.request_id]
+        out = emit(req, st, [token], [logprob], reason)
+        if out.finished:
+            self.scheduler.finish(req, out.finish_reason or FinishReason.STOP)
+            self._outputs.pop(req.request_id, None)
+        return out
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_blocks=self.block_pool.num_blocks,
+            num_free_blocks=self.block_pool.num_free,
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            num_preemptions=self.num_preemptions,
+            prefix_cache_hit_tokens=self.prefix_cache_hit_tokens,
+        )
+
+    # ------------------------------------------------------------------ offline use
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion (tests, benchmarks, `kvbridge chat`): output token ids each."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"offline-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, plist):
+            self.add_request(rid, prompt, p)
+        out: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished_requests():
+            for o in self.step():
+                if o.request_id in out:
+                    out[o.request_id].extend(o.new_token_ids)
+        return [out[rid] for rid in ids]

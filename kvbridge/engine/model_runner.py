@@ -1,0 +1,79 @@
+"""Turns a scheduled batch into tensors, runs the model, returns the logits to sample."""
+
+from __future__ import annotations
+
+import torch
+
+from kvbridge.engine.attention import AttentionBatch, PrefillSeq
+from kvbridge.engine.kv_cache import KVCache
+from kvbridge.engine.models.llama import LlamaModel
+from kvbridge.engine.scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache) -> None:
+        self.model = model
+        self.kv = kv_cache
+        self.device = kv_cache.device
+        self.block_size = kv_cache.layout.block_size
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, AttentionBatch, list[int]]:
+        """→ input_ids (T,), attention batch, indices (into batch.requests) of the sampling requests."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_blocks: list[int] = []
+        slot_offsets: list[int] = []
+        logits_rows: list[int] = []
+        sampling: list[int] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSeq] = []
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            c = req.num_computed_tokens
+            row = len(ids)
+            ids.extend(req.all_token_ids[c : c + n])
+            pos = range(c, c + n)
+            positions.extend(pos)
+            slot_blocks.extend(req.block_ids[p // bs] for p in pos)
+            slot_offsets.extend(p % bs for p in pos)
+            nblocks = -(-(c + n) // bs)
+            if n == 1 and c > 0:
+                decode_rows.append(row)
+                decode_tables.append(req.block_ids[:nblocks])
+                decode_lens.append(c + 1)
+            else:
+                table = torch.tensor(req.block_ids[:nblocks], dtype=torch.long, device=self.device)
+                prefills.append(PrefillSeq(row, n, c + n, table))
+            if batch.samples(i):
+                logits_rows.append(row + n - 1)
+                sampling.append(i)
+
+        dev = self.device
+        long = dict(dtype=torch.long, device=dev)
+        mask = None
+        if decode_rows:
+            width = max(len(t) for t in decode_tables)
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], **long)
+            lens = torch.tensor(decode_lens, **long)
+            mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+        else:
+            tables = torch.empty((0, 0), **long)
+        attn = AttentionBatch(
+            positions=torch.tensor(positions, **long),
+            slot_blocks=torch.tensor(slot_blocks, **long),
+            slot_offsets=torch.tensor(slot_offsets, **long),
+            logits_indices=torch.tensor(logits_rows, **long),
+            decode_rows=torch.tensor(decode_rows, **long),
+            decode_block_tables=tables,
+            decode_mask=mask,
+            prefills=prefills,
+        )
+        return torch.tensor(ids, **long), attn, sampling
+
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Run one step. Returns logits (N, V) float32 on CPU and which requests they belong to."""
+        input_ids, attn, sampling = self.prepare(batch)
+        logits = self.model(input_ids, self.kv.layers, attn)
+        return logits.cpu() if logits.device.type != "cpu" else logits, sampling
