@@ -41,6 +41,8 @@ def emit(req: Request, st: OutputState, new_ids: list[int], logprobs: list[float
     before = len(st.text)
     if visible:
         st.text += st.detok.add(visible)  # type: ignore[attr-defined]
+    if reason is not None:
+        st.text += st.detok.flush()  # type: ignore[attr-defined]  # an unfinished character, as decode() shows it
     if req.params.stop and reason != FinishReason.ABORT:
         start = max(0, before - max(len(s) for s in req.params.stop) + 1)
         hits = [(i, s) for s in req.params.stop if (i := st.text.find(s, start)) >= 0]
@@ -52,7 +54,7 @@ def emit(req: Request, st: OutputState, new_ids: list[int], logprobs: list[float
     end = len(st.text) if finished else max(st.sent, len(st.text) - st.holdback)
     delta = st.text[st.sent : end]
     st.sent = end
-    lps = [lp for lp in logprobs if lp is not None] if req.params.logprobs else None
+    lps = [lp for lp in logprobs[: len(visible)] if lp is not None] if req.params.logprobs else None
     return RequestOutput(
         request_id=req.request_id,
         new_token_ids=list(new_ids),

@@ -1,0 +1,357 @@
+"""Model weights from a GGUF file or a Hugging Face safetensors folder, in Hugging Face names.
+
+Both paths end in the same place: a ``ModelSpec`` and a dict of tensors named as in
+``LlamaForCausalLM`` (``model.layers.{i}.self_attn.q_proj.weight`` …), each ``[out, in]``.
+
+GGUF is read with a small header parser over ``mmap`` (the ``gguf`` package's reader builds a
+numpy view per metadata item, ~2 s for a 49k vocabulary) and dequantized block-wise with numpy,
+whole tensors at once. llama.cpp permutes the rows of q and k for its interleaved RoPE; this
+module undoes that, so the weights are the ones HF's rotate-half RoPE expects.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from kvbridge.engine.models.spec import ModelSpec
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+
+class WeightsError(ValueError):
+    """The weights cannot be loaded; the message names the file, tensor or type at fault."""
+
+
+# -- GGUF container ---------------------------------------------------------------------------
+
+# GGUF metadata value types: id -> struct format (8 = string, 9 = array, below).
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_NP_SCALARS = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+               6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    name: str
+    qtype: int  # ggml type id (GGMLQuantizationType)
+    shape: tuple[int, ...]  # numpy order: (rows, cols) = (out, in) for a matrix
+    offset: int  # absolute byte offset in the file
+
+
+@dataclass
+class GGUFFile:
+    """A parsed GGUF file: metadata, tensor directory, and the mapped bytes."""
+
+    path: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensorInfo]
+    buffer: mmap.mmap
+
+    def raw(self, info: GGUFTensorInfo, nbytes: int) -> np.ndarray:
+        """The tensor's bytes, zero-copy, as uint8."""
+        if info.offset + nbytes > len(self.buffer):
+            raise WeightsError(f"{self.path}: truncated file, tensor {info.name} ends past the end")
+        return np.frombuffer(self.buffer, dtype=np.uint8, count=nbytes, offset=info.offset)
+
+
+class _Cursor:
+    def __init__(self, buf: mmap.mmap) -> None:
+        self.buf, self.pos = buf, 0
+
+    def scalar(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("Q")
+        s = self.buf[self.pos : self.pos + n].decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int) -> Any:
+        if vtype == 8:
+            return self.string()
+        if vtype == 9:
+            itype, count = self.scalar("I"), self.scalar("Q")
+            if itype in _NP_SCALARS:  # numeric arrays in one read
+                arr = np.frombuffer(self.buf, dtype=_NP_SCALARS[itype], count=count, offset=self.pos)
+                self.pos += arr.nbytes
+                return arr.tolist()
+            return [self.value(itype) for _ in range(count)]
+        if vtype not in _SCALARS:
+            raise WeightsError(f"unknown GGUF metadata type {vtype}")
+        return self.scalar(_SCALARS[vtype])
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Parse a GGUF file's header (metadata and tensor directory); tensor data stays mapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"model file not found: {path}")
+    if path.stat().st_size < 24:
+        raise WeightsError(f"{path} is not a GGUF file (too short)")
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if buf[:4] != b"GGUF":
+        raise WeightsError(f"{path} is not a GGUF file (bad magic)")
+    try:
+        return _parse_gguf(path, buf)
+    except (struct.error, ValueError, IndexError) as e:
+        if isinstance(e, WeightsError):
+            raise
+        raise WeightsError(f"{path}: truncated or corrupt GGUF header ({e})") from None
+
+
+def _parse_gguf(path: Path, buf: mmap.mmap) -> GGUFFile:
+    cur = _Cursor(buf)
+    cur.pos = 4
+    version, n_tensors, n_kv = cur.scalar("I"), cur.scalar("Q"), cur.scalar("Q")
+    if version not in (2, 3):
+        raise WeightsError(f"{path}: unsupported GGUF version {version} (need 2 or 3, little-endian)")
+    metadata = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.scalar("I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = [cur.scalar("Q") for _ in range(cur.scalar("I"))]
+        infos.append((name, dims, cur.scalar("I"), cur.scalar("Q")))
+    align = int(metadata.get("general.alignment", 32))
+    start = (cur.pos + align - 1) // align * align
+    tensors = {n: GGUFTensorInfo(n, t, tuple(reversed(d)), start + o) for n, d, t, o in infos}
+    return GGUFFile(path, metadata, tensors, buf)
+
+
+# -- dequantization: blocks (n_blocks, type_size) uint8 -> (n_blocks, block_size) float32 -----
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return b.view(np.float16).astype(np.float32)  # (n, 2) bytes -> (n, 1)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    # (n, 16) bytes -> (n, 32): low nibbles are elements 0..15, high nibbles 16..31
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _deq_q8_0(b: np.ndarray) -> np.ndarray:
+    return _f16(b[:, :2]) * b[:, 2:].view(np.int8)
+
+
+def _deq_q4_0(b: np.ndarray) -> np.ndarray:
+    return _f16(b[:, :2]) * (_nibbles(b[:, 2:]).view(np.int8) - np.int8(8))
+
+
+def _deq_q4_1(b: np.ndarray) -> np.ndarray:
+    return _f16(b[:, :2]) * _nibbles(b[:, 4:]) + _f16(b[:, 2:4])
+
+
+def _deq_bf16(b: np.ndarray) -> np.ndarray:
+    return (b.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+_OWN: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "F32": lambda b: b.view(np.float32),
+    "F16": lambda b: b.view(np.float16).astype(np.float32),
+    "BF16": _deq_bf16,
+    "Q8_0": _deq_q8_0,
+    "Q4_0": _deq_q4_0,
+    "Q4_1": _deq_q4_1,
+}
+# Served by the gguf package's own (vectorized numpy) dequantizers.
+_DELEGATED = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_QUANT_TYPES = tuple(_OWN) + _DELEGATED
+
+
+def quant_type(qtype: int, what: str = "tensor") -> GGMLQuantizationType:
+    """The ggml type for ``qtype``, or ``WeightsError`` naming it when this loader cannot read it."""
+    try:
+        kind = GGMLQuantizationType(qtype)
+    except ValueError:
+        raise WeightsError(f"{what}: unknown ggml tensor type id {qtype}") from None
+    if kind.name not in SUPPORTED_QUANT_TYPES:
+        raise WeightsError(f"{what}: unsupported quantization type {kind.name}; "
+                           f"supported: {', '.join(SUPPORTED_QUANT_TYPES)}")
+    return kind
+
+
+def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Dequantize the bytes of one tensor of ggml type ``qtype`` to float32 of ``shape``."""
+    kind = quant_type(qtype)
+    blocks = raw.reshape(-1, GGML_QUANT_SIZES[kind][1])  # (n_blocks, type_size)
+    if kind.name in _OWN:
+        return _OWN[kind.name](blocks).reshape(shape)
+    import gguf.quants
+
+    return gguf.quants.dequantize(blocks, kind).reshape(shape).astype(np.float32, copy=False)
+
+
+def gguf_tensor(f: GGUFFile, name: str) -> np.ndarray:
+    """One tensor of a GGUF file as float32 numpy, in numpy (HF) shape order."""
+    info = f.tensors.get(name)
+    if info is None:
+        raise WeightsError(f"{f.path}: missing tensor {name}")
+    block, size = GGML_QUANT_SIZES[quant_type(info.qtype, f"{f.path}: tensor {name}")]
+    nbytes = int(np.prod(info.shape)) // block * size
+    return dequantize(f.raw(info, nbytes), info.qtype, info.shape)
+
+
+# -- names and specs --------------------------------------------------------------------------
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_BIAS_NAMES = {f"attn_{x}.bias": f"self_attn.{x}_proj.bias" for x in "qkv"}
+
+
+def hf_tensor_names(spec: ModelSpec) -> list[str]:
+    """Every tensor name ``load_model`` returns for ``spec``."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    per_layer = list(_GGUF_LAYER_NAMES.values()) + (list(_GGUF_BIAS_NAMES.values()) if spec.attention_bias else [])
+    names += [f"model.layers.{i}.{n}" for i in range(spec.num_layers) for n in per_layer]
+    return names + ([] if spec.tie_word_embeddings else ["lm_head.weight"])
+
+
+def _gguf_spec(f: GGUFFile) -> ModelSpec:
+    md = f.metadata
+    arch = md.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise WeightsError(f"{f.path}: unsupported architecture {arch!r}; supported: {supported}")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = md.get(f"{arch}.{key}", default)
+        if value is None:
+            raise WeightsError(f"{f.path}: missing metadata {arch}.{key}")
+        return value
+
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    vocab = md.get(f"{arch}.vocab_size") or len(md.get("tokenizer.ggml.tokens", ()))
+    if not vocab and "token_embd.weight" in f.tensors:
+        vocab = f.tensors["token_embd.weight"].shape[0]
+    return ModelSpec(
+        architecture=arch, vocab_size=int(vocab), hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")), num_layers=int(get("block_count")),
+        num_heads=heads, num_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(get("attention.key_length", hidden // heads)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=int(get("context_length", 2048)),
+        tie_word_embeddings="output.weight" not in f.tensors,
+        attention_bias="blk.0.attn_q.bias" in f.tensors,
+        name=f.path.name.removesuffix(".gguf"),
+    )
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved -> rotate-half RoPE)."""
+    # (n_head * hd, in) -> (n_head, hd/2, 2, in) -> (n_head, 2, hd/2, in)
+    return w.reshape(n_head, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    f = read_gguf(path)
+    spec = _gguf_spec(f)
+    names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+    if not spec.tie_word_embeddings:
+        names["output.weight"] = "lm_head.weight"
+    layer_names = _GGUF_LAYER_NAMES | (_GGUF_BIAS_NAMES if spec.attention_bias else {})
+    for i in range(spec.num_layers):
+        names |= {f"blk.{i}.{g}": f"model.layers.{i}.{h}" for g, h in layer_names.items()}
+    out = {}
+    for gname, hname in names.items():
+        w = gguf_tensor(f, gname)
+        if spec.architecture == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
+            w = _unpermute(w, spec.num_heads if "attn_q" in gname else spec.num_kv_heads)
+        out[hname] = torch.from_numpy(np.require(w, requirements=["C", "W"])).to(device=device, dtype=dtype)
+    return spec, out
+
+
+# -- Hugging Face folder ----------------------------------------------------------------------
+
+def _hf_spec(folder: Path, cfg: dict[str, Any]) -> ModelSpec:
+    archs = cfg.get("architectures") or []
+    arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
+    if arch is None:
+        raise WeightsError(f"{folder}: unsupported architecture {archs or cfg.get('model_type')!r}; "
+                           f"supported: {', '.join(HF_ARCHITECTURES)}")
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    return ModelSpec(
+        architecture=arch, vocab_size=cfg["vocab_size"], hidden_size=hidden,
+        intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or hidden // heads, rope_theta=float(rope),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+        name=folder.resolve().name,
+    )
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / name for name in files]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{folder}: no *.safetensors files")
+    return files
+
+
+def _load_hf(folder: Path, dtype: torch.dtype, device: str | torch.device) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    config = folder / "config.json"
+    if not config.is_file():
+        raise WeightsError(f"{folder}: config.json not found")
+    spec = _hf_spec(folder, json.loads(config.read_text()))
+    wanted, out = set(hf_tensor_names(spec)), {}
+    for file in _safetensors_files(folder):
+        if not file.is_file():
+            raise WeightsError(f"{folder}: missing shard {file.name}")
+        with safe_open(str(file), framework="pt") as st:
+            for name in wanted.intersection(st.keys()):
+                out[name] = st.get_tensor(name).to(device=device, dtype=dtype)
+    missing = [name for name in hf_tensor_names(spec) if name not in out]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"{folder}: missing tensor {missing[0]}{more}")
+    return spec, out
+
+
+def load_model(
+    path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """Load a model's spec and weights (HF Llama names, ``[out, in]``, cast to ``dtype``).
+
+    ``path`` is a ``.gguf`` file (architectures llama, qwen2) or a Hugging Face folder with
+    ``config.json`` and ``*.safetensors``. Raises ``WeightsError`` with the reason.
+    """
+    p = Path(path)
+    if p.is_dir():
+        return _load_hf(p, dtype, device)
+    if not p.exists():
+        raise WeightsError(f"model not found: {p} (give a .gguf file or a Hugging Face folder)")
+    return _load_gguf(p, dtype, device)

@@ -1,0 +1,154 @@
+"""The engine on the real default model (SmolLM2-135M-Instruct GGUF), float32, CPU.
+
+Reference: Hugging Face transformers' LlamaForCausalLM loading the same GGUF file through
+its own loader (independent of ours), greedy decoding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kvbridge.config import EngineConfig, default_model_path
+from kvbridge.engine.engine import LLMEngine
+from kvbridge.engine.request import FinishReason, RequestError, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a KV cache is in one paragraph.",
+    "List three prime numbers and say why they are prime.",
+    "Translate 'good morning' into Spanish, German and Italian.",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away, there lived a dragon who",
+    "Summarize: The quick brown fox jumps over the lazy dog. The dog was not amused.",
+]
+GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine() -> LLMEngine:
+    return LLMEngine(EngineConfig(dtype="float32", kv_cache_memory_mb=256, max_num_batched_tokens=512))
+
+
+@pytest.fixture(scope="module")
+def prompts(engine: LLMEngine) -> list[list[int]]:
+    tok = engine.tokenizer
+    out = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS[:5]]
+    out += [tok.encode(q) for q in QUESTIONS[5:]]
+    return out
+
+
+@pytest.fixture(autouse=True)
+def pool_full_after(engine: LLMEngine):
+    yield
+    assert not engine.has_unfinished_requests()
+    assert engine.block_pool.num_free == engine.block_pool.num_blocks
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
+    # no EOS: 32 tokens each, like ignore_eos (a generate() argument of None falls back to these)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def test_greedy_tokens_match_transformers(engine, prompts, hf_model):
+    torch.set_num_threads(engine.config.num_threads or os.cpu_count() or 1)
+    ours = [engine.generate([p], GREEDY)[0] for p in prompts[:5]]
+    for p, mine in zip(prompts[:5], ours):
+        ids = torch.tensor([p])
+        with torch.inference_mode():
+            ref = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
+        assert mine == ref[0, len(p) :].tolist()
+
+
+def test_concurrent_prompts_give_the_tokens_each_gives_alone(engine, prompts):
+    alone = [engine.generate([p], GREEDY)[0] for p in prompts]
+    lengths = {len(p) for p in prompts}
+    assert len(lengths) >= 6, "prompts should differ in length"
+    together = engine.generate(prompts, GREEDY)
+    assert together == alone
+
+
+def test_prefix_cache_hit_gives_identical_tokens(engine, prompts):
+    first = engine.generate([prompts[0]], GREEDY)[0]
+    hits_before = engine.stats().prefix_cache_hit_tokens
+    second = engine.generate([prompts[0]], GREEDY)[0]
+    assert engine.stats().prefix_cache_hit_tokens > hits_before
+    assert first == second
+
+
+def test_preemption_under_a_tiny_pool_keeps_outputs_exact(prompts):
+    small = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=12, max_num_batched_tokens=256))
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    picked = prompts[:4]  # ~40-60 tokens each: 12 blocks of 16 cannot hold all four
+    alone = [small.generate([p], params)[0] for p in picked]
+    together = small.generate(picked, params)
+    assert small.num_preemptions > 0
+    assert together == alone
+    assert small.block_pool.num_free == small.block_pool.num_blocks
+
+
+def test_abort_mid_generation_frees_blocks(engine, prompts):
+    engine.add_request("to-abort", prompts[1], SamplingParams(max_tokens=100, temperature=0))
+    engine.add_request("to-keep", prompts[2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert engine.block_pool.num_free < engine.block_pool.num_blocks
+    engine.abort_request("to-abort")
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert all(o.request_id == "to-keep" for o in outs)
+    assert outs[-1].finish_reason == FinishReason.LENGTH
+
+
+def test_stop_strings_eos_and_max_tokens(engine, prompts):
+    tok = engine.tokenizer
+    full = engine.generate([prompts[0]], SamplingParams(max_tokens=32, temperature=0))[0]
+    text = tok.decode(full)
+    assert full[-1] in tok.eos_token_ids or len(full) == 32
+    word = text.split()[2]
+    engine.add_request("stop", prompts[0], SamplingParams(max_tokens=32, temperature=0, stop=[word]))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    streamed = "".join(o.new_text for o in outs)
+    assert outs[-1].finish_reason == FinishReason.STOP
+    assert word not in streamed and text.startswith(streamed)
+
+
+def test_sampling_with_seed_is_reproducible_and_logprobs_are_given(engine, prompts):
+    p = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=50, seed=1234, logprobs=True, ignore_eos=True)
+    a = engine.generate([prompts[3]], p)[0]
+    b = engine.generate([prompts[3]], SamplingParams(**{**p.__dict__}))[0]
+    assert a == b
+    engine.add_request("lp", prompts[3], SamplingParams(max_tokens=3, temperature=0, logprobs=True))
+    lps = []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            lps += o.new_logprobs or []
+    assert len(lps) == 3 and all(lp <= 0 for lp in lps)
+
+
+def test_bad_requests_are_refused_with_a_reason(engine):
+    with pytest.raises(RequestError, match="empty"):
+        engine.add_request("e", [], GREEDY)
+    with pytest.raises(RequestError, match="maximum context length"):
+        engine.add_request("l", [1] * (engine.max_model_len - 5), GREEDY)
+    with pytest.raises(RequestError, match="token ids"):
+        engine.add_request("v", [10**9], GREEDY)
+    with pytest.raises(RequestError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
