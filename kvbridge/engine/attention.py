@@ -22,59 +22,120 @@ class PrefillSeq:
     start: int  # first row of this request's tokens in the flattened batch
     num_new: int  # query tokens in this chunk
     ctx_len: int  # tokens with KV after this chunk (earlier context + new)
-    block_ids: torch.Tensor  # (ceil(ctx_len / bs),) long
+    kv_rows: torch.Tensor | None  # (2, nkv, ctx_len) rows of the cache (None: fresh chunk)
 
 
 @dataclass
 class AttentionBatch:
+    """Built once per step; every layer uses the same indices (layers share block ids)."""
+
     positions: torch.Tensor  # (T,) position of each new token
-    slot_blocks: torch.Tensor  # (T,) block id where its KV goes
-    slot_offsets: torch.Tensor  # (T,) offset inside that block
+    write_rows: torch.Tensor  # (T*2*nkv,) cache rows receiving the new tokens' K|V per head
     logits_indices: torch.Tensor  # (N,) rows whose logits are sampled
     decode_rows: torch.Tensor  # (B,) rows of single-token requests
-    decode_block_tables: torch.Tensor  # (B, M) block ids, padded with 0
-    decode_mask: torch.Tensor | None  # (B, 1, 1, M*bs) True where a key is valid
+    decode_kv_rows: torch.Tensor | None  # (2, B, nkv, L) cache rows of their K/V, padded
+    decode_mask: torch.Tensor | None  # (B, 1, L) True where a key is valid
     prefills: list[PrefillSeq] = field(default_factory=list)
+
+
+def cache_rows(block_ids: torch.Tensor, length: int, nkv: int, bs: int) -> torch.Tensor:
+    """Rows of one layer's cache viewed as (num_blocks*2*nkv*bs, hd) that hold tokens
+    0..length-1 of a request: (..., M) block ids → (2, ..., nkv, length)."""
+    lead = block_ids.shape[:-1]
+    base = (block_ids * (2 * nkv * bs)).unsqueeze(0)[..., None, :, None]  # (1, ..., 1, M, 1)
+    kv = torch.arange(2, device=block_ids.device).view(2, *([1] * len(lead)), 1, 1, 1) * (nkv * bs)
+    head = torch.arange(nkv, device=block_ids.device).view(nkv, 1, 1) * bs
+    off = torch.arange(bs, device=block_ids.device)
+    rows = (base + kv + head + off).reshape(2, *lead, nkv, -1)  # (2, ..., nkv, M*bs)
+    return rows[..., :length]
+
+
+def token_rows(blocks: torch.Tensor, offsets: torch.Tensor, nkv: int, bs: int) -> torch.Tensor:
+    """Cache rows of tokens at (block, offset): (T,) → (T*2*nkv,) in (T, K|V, head) order."""
+    kv_head = torch.arange(2 * nkv, device=blocks.device) * bs  # (2*nkv,)
+    return ((blocks * (2 * nkv * bs) + offsets)[:, None] + kv_head[None, :]).reshape(-1)
 
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch) -> None:
     """Store the new tokens' K and V (T, nkv, hd) into their slots."""
-    kv_layer[batch.slot_blocks, :, :, batch.slot_offsets, :] = torch.stack((k, v), dim=1)  # (T, 2, nkv, hd)
+    hd = k.shape[-1]
+    kv_layer.view(-1, hd).index_copy_(0, batch.write_rows, torch.stack((k, v), dim=1).reshape(-1, hd))
 
 
-def gather_kv(kv_layer: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocks (..., M) → K, V as (..., nkv, M*bs, hd)."""
-    g = kv_layer[block_ids]  # (..., M, 2, nkv, bs, hd)
-    *lead, m, two, nkv, bs, hd = g.shape
-    nlead = len(lead)
-    order = (nlead + 1, *range(nlead), nlead + 2, nlead, nlead + 3, nlead + 4)
-    g = g.permute(order).reshape(two, *lead, nkv, m * bs, hd)  # (2, ..., nkv, M*bs, hd)
+def read_kv(kv_layer: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One gather straight into the matmul layout: rows (2, ..., nkv, L) → K, V (..., nkv, L, hd)."""
+    hd = kv_layer.shape[-1]
+    g = kv_layer.view(-1, hd).index_select(0, rows.reshape(-1)).view(*rows.shape, hd)
     return g[0], g[1]
+
+
+# Above this many score elements per head group, the fused kernel (no (Q, ctx) matrix) wins.
+SMALL_ATTENTION = 1 << 18
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Plain softmax(q k^T) v with grouped heads, scores in float32.
+
+    q (..., nkv, g, Q, hd), k/v (..., nkv, L, hd), mask broadcastable to (..., nkv, g, Q, L).
+    On CPU the fused SDPA kernel is slow for half precision and few queries; this is two
+    batched matmuls in the model's dtype.
+    """
+    *lead, nkv, g, nq, hd = q.shape
+    qf = q.reshape(*lead, nkv, g * nq, hd)
+    s = torch.matmul(qf, k.transpose(-1, -2)).float().mul_(scale)  # (..., nkv, g*Q, L)
+    s = s.view(*lead, nkv, g, nq, -1)
+    if mask is not None:
+        s.masked_fill_(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1).to(v.dtype).view(*lead, nkv, g * nq, -1)
+    return torch.matmul(p, v).view(*lead, nkv, g, nq, hd)
 
 
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, batch: AttentionBatch, scale: float
 ) -> torch.Tensor:
-    """q (T, nh, hd), fresh k/v (T, nkv, hd) → attention output (T, nh, hd)."""
+    """q (T, nh, hd), fresh k/v (T, nkv, hd) → attention output (T, nh, hd).
+
+    float32 uses torch's fused SDPA (bit-compatible with transformers' default path);
+    bfloat16/float16 use ``grouped_attention`` where the score matrix is small."""
     out = torch.empty_like(q)
-    if batch.decode_rows.numel():
-        qd = q[batch.decode_rows].unsqueeze(2)  # (B, nh, 1, hd)
-        kd, vd = gather_kv(kv_layer, batch.decode_block_tables)  # (B, nkv, L, hd)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=scale, enable_gqa=True)
-        out[batch.decode_rows] = od.squeeze(2)
+    T, nh, hd = q.shape
+    nkv = k.shape[1]
+    g = nh // nkv
+    fused = q.dtype == torch.float32
+    if batch.decode_kv_rows is not None:
+        kd, vd = read_kv(kv_layer, batch.decode_kv_rows)  # (B, nkv, L, hd)
+        qd = q[batch.decode_rows]  # (B, nh, hd)
+        mask = batch.decode_mask
+        if fused:
+            od = F.scaled_dot_product_attention(qd.unsqueeze(2), kd, vd, attn_mask=mask[:, None], scale=scale, enable_gqa=True)
+            out[batch.decode_rows] = od.squeeze(2)
+        else:
+            od = grouped_attention(qd.view(-1, nkv, g, 1, hd), kd, vd, mask[:, None, None], scale)  # (B, nkv, g, 1, hd)
+            out[batch.decode_rows] = od.reshape(-1, nh, hd)
     for p in batch.prefills:
         rows = slice(p.start, p.start + p.num_new)
-        qp = q[rows].transpose(0, 1)  # (nh, Q, hd)
-        if p.ctx_len == p.num_new:  # no earlier context: causal over the chunk itself
+        fresh = p.kv_rows is None  # no earlier context: attend to the chunk itself
+        if fresh:
             kp, vp = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # (nkv, Q, hd)
-            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            kp, vp = gather_kv(kv_layer, p.block_ids)  # (nkv, M*bs, hd)
-            kp, vp = kp[:, : p.ctx_len], vp[:, : p.ctx_len]
-            first = p.ctx_len - p.num_new  # position of the first query
-            qpos = torch.arange(first, p.ctx_len, device=q.device)[:, None]
-            kpos = torch.arange(p.ctx_len, device=q.device)[None, :]
-            mask = kpos <= qpos  # (Q, ctx)
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[rows] = op.transpose(0, 1)
+            kp, vp = read_kv(kv_layer, p.kv_rows)  # (nkv, ctx, hd)
+        first = p.ctx_len - p.num_new  # position of the first query
+        if fused or p.num_new * p.ctx_len > SMALL_ATTENTION:
+            qp = q[rows].transpose(0, 1)  # (nh, Q, hd)
+            if fresh:
+                op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+            else:
+                mask = _causal_mask(first, p.ctx_len, q.device)
+                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[rows] = op.transpose(0, 1)
+        else:
+            qp = q[rows].view(p.num_new, nkv, g, hd).permute(1, 2, 0, 3)  # (nkv, g, Q, hd)
+            op = grouped_attention(qp, kp, vp, _causal_mask(first, p.ctx_len, q.device), scale)  # (nkv, g, Q, hd)
+            out[rows] = op.permute(2, 0, 1, 3).reshape(p.num_new, nh, hd)
     return out
+
+
+def _causal_mask(first: int, ctx_len: int, device: torch.device) -> torch.Tensor:
+    """(Q, ctx) True where query at position first+i may see key j (j <= first+i)."""
+    qpos = torch.arange(first, ctx_len, device=device)[:, None]
+    return torch.arange(ctx_len, device=device)[None, :] <= qpos

@@ -37,6 +37,15 @@ class EngineStats:
     prefix_cache_hit_tokens: int
 
 
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """``auto``: bfloat16 where matmuls run natively in it (CUDA, CPUs with AVX512-BF16/AMX), else float32."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bfloat16"
+    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         t0 = time.perf_counter()
@@ -44,7 +53,8 @@ class LLMEngine:
         threads = config.num_threads or os.cpu_count() or 1
         torch.set_num_threads(threads)
         device = torch.device(config.device)
-        dtype = TORCH_DTYPES[config.dtype]
+        self.dtype_name = resolve_dtype(config.dtype, device)
+        dtype = TORCH_DTYPES[self.dtype_name]
 
         spec, weights = load_model(config.model, dtype=dtype, device=device)
         self.spec = spec
@@ -63,9 +73,9 @@ class LLMEngine:
         del weights
 
         num_blocks = config.num_kv_blocks or num_blocks_for_memory(
-            config.kv_cache_memory_mb, spec.num_layers, spec.num_kv_heads, config.block_size, spec.head_dim, config.dtype
+            config.kv_cache_memory_mb, spec.num_layers, spec.num_kv_heads, config.block_size, spec.head_dim, self.dtype_name
         )
-        self.layout = KVLayout(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim, config.dtype)
+        self.layout = KVLayout(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim, self.dtype_name)
         self.kv_cache = KVCache(self.layout, device)
         self.block_pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_pool, config.max_num_seqs, config.max_num_batched_tokens)
@@ -76,7 +86,7 @@ class LLMEngine:
         self.load_seconds = time.perf_counter() - t0
         log.info(
             "engine ready: model=%s dtype=%s device=%s layers=%d kv_blocks=%d x %d tokens (%.0f MiB) threads=%d load=%.1fs",
-            self.model_name, config.dtype, device, spec.num_layers, num_blocks, config.block_size,
+            self.model_name, self.dtype_name, device, spec.num_layers, num_blocks, config.block_size,
             self.layout.total_bytes / 2**20, threads, self.load_seconds,
         )  # fmt: skip
 

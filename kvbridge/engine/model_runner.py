@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbridge.engine.attention import AttentionBatch, PrefillSeq
+from kvbridge.engine.attention import AttentionBatch, PrefillSeq, cache_rows, token_rows
 from kvbridge.engine.kv_cache import KVCache
 from kvbridge.engine.models.llama import LlamaModel
 from kvbridge.engine.scheduler import ScheduledBatch
@@ -19,11 +19,11 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, AttentionBatch, list[int]]:
         """→ input_ids (T,), attention batch, indices (into batch.requests) of the sampling requests."""
-        bs = self.block_size
+        bs, nkv, dev = self.block_size, self.kv.layout.num_kv_heads, self.device
+        long = dict(dtype=torch.long, device=dev)
         ids: list[int] = []
         positions: list[int] = []
         slot_blocks: list[int] = []
-        slot_offsets: list[int] = []
         logits_rows: list[int] = []
         sampling: list[int] = []
         decode_rows: list[int] = []
@@ -34,39 +34,36 @@ class ModelRunner:
             c = req.num_computed_tokens
             row = len(ids)
             ids.extend(req.all_token_ids[c : c + n])
-            pos = range(c, c + n)
-            positions.extend(pos)
-            slot_blocks.extend(req.block_ids[p // bs] for p in pos)
-            slot_offsets.extend(p % bs for p in pos)
+            positions.extend(range(c, c + n))
+            slot_blocks.extend(req.block_ids[p // bs] for p in range(c, c + n))
             nblocks = -(-(c + n) // bs)
             if n == 1 and c > 0:
                 decode_rows.append(row)
                 decode_tables.append(req.block_ids[:nblocks])
                 decode_lens.append(c + 1)
+            elif c == 0:
+                prefills.append(PrefillSeq(row, n, n, None))
             else:
-                table = torch.tensor(req.block_ids[:nblocks], dtype=torch.long, device=self.device)
-                prefills.append(PrefillSeq(row, n, c + n, table))
+                table = torch.tensor(req.block_ids[:nblocks], **long)
+                prefills.append(PrefillSeq(row, n, c + n, cache_rows(table, c + n, nkv, bs)))
             if batch.samples(i):
                 logits_rows.append(row + n - 1)
                 sampling.append(i)
 
-        dev = self.device
-        long = dict(dtype=torch.long, device=dev)
-        mask = None
+        pos = torch.tensor(positions, **long)
+        decode_kv_rows = mask = None
         if decode_rows:
             width = max(len(t) for t in decode_tables)
             tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], **long)
             lens = torch.tensor(decode_lens, **long)
-            mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
-        else:
-            tables = torch.empty((0, 0), **long)
+            decode_kv_rows = cache_rows(tables, width * bs, nkv, bs)  # (2, B, nkv, L)
+            mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, :]  # (B, 1, L)
         attn = AttentionBatch(
-            positions=torch.tensor(positions, **long),
-            slot_blocks=torch.tensor(slot_blocks, **long),
-            slot_offsets=torch.tensor(slot_offsets, **long),
+            positions=pos,
+            write_rows=token_rows(torch.tensor(slot_blocks, **long), pos % bs, nkv, bs),
             logits_indices=torch.tensor(logits_rows, **long),
             decode_rows=torch.tensor(decode_rows, **long),
-            decode_block_tables=tables,
+            decode_kv_rows=decode_kv_rows,
             decode_mask=mask,
             prefills=prefills,
         )

@@ -1,0 +1,74 @@
+"""Paged attention against a dense reference, with blocks scattered over the pool."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvbridge.engine.attention import AttentionBatch, PrefillSeq, cache_rows, paged_attention, token_rows, write_kv
+
+NKV, G, HD, BS, NB = 2, 3, 8, 4, 32
+
+
+def dense(q, k, v, first):
+    """q (Q, nh, hd), k/v (ctx, nkv, hd): causal attention where query i sits at first+i."""
+    kk = k.repeat_interleave(G, dim=1).transpose(0, 1)
+    vv = v.repeat_interleave(G, dim=1).transpose(0, 1)
+    mask = torch.arange(k.shape[0])[None, :] <= torch.arange(first, first + q.shape[0])[:, None]
+    return F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask).transpose(0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_matches_dense(dtype):
+    torch.manual_seed(0)
+    kv_layer = torch.zeros(NB, 2, NKV, BS, HD, dtype=dtype)
+    perm = torch.randperm(NB).tolist()
+    # request A: 9 tokens cached, 1 new (decode); request B: 5 cached, 6 new (chunk); C: fresh 7
+    specs = [("A", 9, 1), ("B", 5, 6), ("C", 0, 7)]
+    tables, full_k, full_v, used = {}, {}, {}, 0
+    for name, cached, new in specs:
+        n = -(-(cached + new) // BS)
+        tables[name] = perm[used : used + n]
+        used += n
+        full_k[name] = torch.randn(cached + new, NKV, HD).to(dtype)
+        full_v[name] = torch.randn(cached + new, NKV, HD).to(dtype)
+        if cached:  # pre-fill the cache with the earlier tokens
+            t = torch.tensor(tables[name])
+            pos = torch.arange(cached)
+            rows = token_rows(t[pos // BS], pos % BS, NKV, BS)
+            kv_layer.view(-1, HD).index_copy_(0, rows, torch.stack((full_k[name][:cached], full_v[name][:cached]), 1).reshape(-1, HD))
+    q_parts, k_parts, v_parts, blocks, offs, prefills = [], [], [], [], [], []
+    row = 0
+    for name, cached, new in specs:
+        q_parts.append(torch.randn(new, NKV * G, HD).to(dtype))
+        k_parts.append(full_k[name][cached:])
+        v_parts.append(full_v[name][cached:])
+        pos = torch.arange(cached, cached + new)
+        t = torch.tensor(tables[name])
+        blocks.append(t[pos // BS])
+        offs.append(pos % BS)
+        if name == "B":
+            prefills.append(PrefillSeq(row, new, cached + new, cache_rows(t, cached + new, NKV, BS)))
+        elif name == "C":
+            prefills.append(PrefillSeq(row, new, new, None))
+        row += new
+    q, k, v = torch.cat(q_parts), torch.cat(k_parts), torch.cat(v_parts)
+    ta = torch.tensor([tables["A"] + [0]])  # padded table
+    batch = AttentionBatch(
+        positions=torch.cat([torch.arange(c, c + n) for _, c, n in specs]),
+        write_rows=token_rows(torch.cat(blocks), torch.cat(offs), NKV, BS),
+        logits_indices=torch.tensor([0]),
+        decode_rows=torch.tensor([0]),
+        decode_kv_rows=cache_rows(ta, ta.shape[1] * BS, NKV, BS),
+        decode_mask=(torch.arange(ta.shape[1] * BS) < 10)[None, None, :],
+        prefills=prefills,
+    )
+    write_kv(kv_layer, k, v, batch)
+    out = paged_attention(q, k, v, kv_layer, batch, HD**-0.5)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    r = 0
+    for (name, cached, new), qp in zip(specs, q_parts):
+        ref = dense(qp.float(), full_k[name].float(), full_v[name].float(), cached)
+        torch.testing.assert_close(out[r : r + new].float(), ref, **tol)
+        r += new
