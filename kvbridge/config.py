@@ -75,7 +75,7 @@ def log_format_env() -> str:
 
 # --------------------------------------------------------------------------- engine
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -84,7 +84,7 @@ class EngineConfig:
 
     model: str = ""  # GGUF file or HF folder; empty: the default model
     served_model_name: str = ""  # the name clients use; empty: derived from the file
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with bf16 matmul support, else float32
     device: str = "cpu"  # cpu | cuda | cuda:N
     block_size: int = 16  # tokens per KV block
     kv_cache_memory_mb: int = 512  # KV pool size when num_kv_blocks is 0
@@ -287,3 +287,25 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Mapping[s
             data.setdefault(section, {})
             data[section] = {**(data[section] or {}), **values}
     return config_from_dict(data)
+
+
+# --------------------------------------------------------------------------- doctor
+
+DOCTOR_ENV = (
+    "FI_PROVIDER",  # libfabric provider; `efa` on AWS EFA nodes
+    "FI_EFA_ENABLE_SHM_TRANSFER",  # must be 0 with NIXL on EFA (shm breaks GPU registrations)
+    "FI_EFA_USE_DEVICE_RDMA",  # 1: GPUDirect RDMA over EFA
+    "NIXL_PLUGIN_DIR",  # NIXL plugin override: decode service of a multinode decode only
+    "UCX_NET_DEVICES",  # devices UCX may use (`lo` in local mode)
+    "UCX_TLS",  # transports UCX may use
+    "LD_LIBRARY_PATH",  # where a second NIXL copy or libfabric may come from
+    "CUDA_VISIBLE_DEVICES",
+    "KVBRIDGE_ROLE",  # prefill | decode | both: default for `kvbridge doctor --role`
+    *LEGACY_TRANSCEIVER_ENV,
+)
+
+
+def doctor_environment() -> dict[str, str | None]:
+    """The environment variables `kvbridge doctor` inspects (None: not set). The doctor's
+    checks take this dict as a parameter, so tests can hand them any environment."""
+    return {name: os.environ.get(name) for name in DOCTOR_ENV}
