@@ -27,12 +27,13 @@ import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from kvbridge.engine.request import FinishReason, RequestError, RequestOutput, SamplingParams
 
 if TYPE_CHECKING:
     from kvbridge.engine.engine import LLMEngine
+    from kvbridge.transfer.connector import KVConnector
 
 log = logging.getLogger("kvbridge.async_engine")
 
@@ -55,6 +56,17 @@ class _Add:
     stream: _Stream
     prompt_token_ids: list[int]
     params: SamplingParams
+    hold_kv: bool = False
+    submit: Callable[[], None] | None = None  # replaces add_request (e.g. a remote prefill)
+
+
+@dataclass
+class _Call:
+    """Run ``fn`` on the engine thread; its result (or exception) resolves ``future``."""
+
+    fn: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
 
 
 @dataclass
@@ -67,10 +79,11 @@ def _error_output(request_id: str, message: str) -> RequestOutput:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, connector: KVConnector | None = None) -> None:
         self.engine = engine
+        self.connector = connector  # disaggregation: polled once per loop, owns aborts of its requests
         self._cv = threading.Condition()
-        self._inbox: list[_Add | _Abort] = []  # guarded by _cv
+        self._inbox: list[_Add | _Abort | _Call] = []  # guarded by _cv
         self._stopping = False  # guarded by _cv
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._thread: threading.Thread | None = None
@@ -130,13 +143,20 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ caller API (any thread / loop)
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        hold_kv: bool = False,
+        submit: Callable[[], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its deltas until the finished one."""
+        """Submit a request and yield its deltas until the finished one. ``submit``, run on
+        the engine thread, replaces ``engine.add_request`` (it must queue the request)."""
         if self._thread is None:
             self.start()
         stream = _Stream(request_id, asyncio.get_running_loop())
-        self._submit(_Add(stream, list(prompt_token_ids), params))
+        self._submit(_Add(stream, list(prompt_token_ids), params, hold_kv, submit))
         done = False
         try:
             while True:
@@ -159,7 +179,16 @@ class AsyncEngine:
         except EngineDeadError:
             pass
 
-    def _submit(self, cmd: _Add | _Abort) -> None:
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` on the engine thread between steps and return its result."""
+        if self._thread is None:
+            self.start()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._submit(_Call(fn, loop, fut))
+        return await fut
+
+    def _submit(self, cmd: _Add | _Abort | _Call) -> None:
         with self._cv:
             if self._error is not None or self._stopping:
                 raise EngineDeadError(self.error or "the engine is not running")
@@ -173,13 +202,21 @@ class AsyncEngine:
             while True:
                 with self._cv:
                     while not self._inbox and not has_work and not self._stopping:
+                        if self.connector is not None and self.connector.busy:
+                            self._cv.wait(0.001)  # transfers in flight: poll them every ms
+                            break
                         self._cv.wait()
                     if self._stopping:
                         break
                     commands, self._inbox = self._inbox, []
                 self._apply(commands)  # between steps
+                if self.connector is not None:
+                    self.connector.poll()
                 if self.engine.has_unfinished_requests():
-                    self._dispatch(self.engine.step())
+                    outputs = self.engine.step()
+                    if self.connector is not None:
+                        self.connector.on_outputs(outputs)
+                    self._dispatch(outputs)
                 has_work = self.engine.has_unfinished_requests()
                 self._stats = self.engine.stats()
             self._fail_all("the server is shutting down")
@@ -189,17 +226,31 @@ class AsyncEngine:
                 self._error = f"engine failed: {type(e).__name__}: {e}"
             self._fail_all(self._error)
 
-    def _apply(self, commands: list[_Add | _Abort]) -> None:
+    def _apply(self, commands: list[_Add | _Abort | _Call]) -> None:
         for cmd in commands:
+            if isinstance(cmd, _Call):
+                try:
+                    result, error = cmd.fn(), None
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    result, error = None, e
+                cmd.loop.call_soon_threadsafe(_resolve, cmd.future, result, error)
+                continue
             if isinstance(cmd, _Abort):
                 if self._streams.pop(cmd.request_id, None) is not None:
-                    self.engine.abort_request(cmd.request_id)
+                    if self.connector is None or not self.connector.abort(cmd.request_id):
+                        self.engine.abort_request(cmd.request_id)
                 continue
             rid = cmd.stream.request_id
             try:
                 if rid in self._streams:
                     raise RequestError(f"request id {rid!r} is already in use")
-                self.engine.add_request(rid, cmd.prompt_token_ids, cmd.params)
+                if cmd.submit is not None:
+                    cmd.submit()
+                else:
+                    if cmd.hold_kv:
+                        self.engine.add_request(rid, cmd.prompt_token_ids, cmd.params, hold_kv=True)
+                    else:
+                        self.engine.add_request(rid, cmd.prompt_token_ids, cmd.params)
             except RequestError as e:
                 self._post({cmd.stream.loop: [(cmd.stream, e)]})
                 continue
@@ -237,6 +288,11 @@ class AsyncEngine:
         for cmd in commands:
             if isinstance(cmd, _Add):
                 batches[cmd.stream.loop].append((cmd.stream, EngineDeadError(message)))
+            elif isinstance(cmd, _Call):
+                try:
+                    cmd.loop.call_soon_threadsafe(_resolve, cmd.future, None, EngineDeadError(message))
+                except RuntimeError:
+                    pass
         streams, self._streams = self._streams, {}
         for rid, stream in streams.items():
             try:
@@ -253,6 +309,15 @@ class AsyncEngine:
             self._stats = self.engine.stats()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _deliver(items: list[tuple[_Stream, Any]]) -> None:

@@ -33,6 +33,8 @@ class EngineStats:
     num_free_blocks: int
     num_waiting: int
     num_running: int
+    num_remote: int  # decode side: waiting for a peer's KV
+    num_held: int  # prefill side: finished, blocks held for a transfer
     num_preemptions: int
     prefix_cache_hit_tokens: int
 
@@ -81,6 +83,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_pool, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache)
         self._outputs: dict[str, OutputState] = {}
+        self._held: dict[str, Request] = {}  # finished hold_kv requests whose blocks await a transfer
+        self._ready: list[tuple[Request, int, float | None]] = []  # remote prefills done, first token to emit
         self.num_preemptions = 0
         self.prefix_cache_hit_tokens = 0
         self.load_seconds = time.perf_counter() - t0
@@ -91,7 +95,18 @@ class LLMEngine:
         )  # fmt: skip
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, hold_kv: bool = False
+    ) -> None:
+        """Queue a request. ``hold_kv`` (prefill side of a disaggregated pair): when it
+        finishes, its prompt blocks stay held and the finished output carries their ids
+        in ``kv_block_ids``; the caller frees them with ``release_kv`` after the transfer."""
+        req = self._new_request(request_id, prompt_token_ids, params)
+        req.hold_kv = hold_kv
+        self.scheduler.add(req)
+        self._track(req)
+
+    def _new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         n = len(prompt_token_ids)
         if n == 0:
             raise RequestError("the prompt is empty")
@@ -107,29 +122,73 @@ class LLMEngine:
             )
         if any(not 0 <= t < self.spec.vocab_size for t in prompt_token_ids):
             raise RequestError(f"prompt token ids must be in [0, {self.spec.vocab_size})")
-        req = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.tokenizer.eos_token_ids)
-        self.scheduler.add(req)
-        holdback = max((len(s) for s in params.stop), default=1) - 1
-        self._outputs[request_id] = OutputState(self.tokenizer.detokenizer(), holdback=holdback)
+        if request_id in self.scheduler.requests or request_id in self._held:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        return Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.tokenizer.eos_token_ids)
+
+    def _track(self, req: Request) -> None:
+        holdback = max((len(s) for s in req.params.stop), default=1) - 1
+        self._outputs[req.request_id] = OutputState(self.tokenizer.detokenizer(), holdback=holdback)
 
     def abort_request(self, request_id: str) -> None:
+        """Drop a request and free its blocks now. (A request waiting for remote KV must have
+        its transfer ended first: the transceiver may still write into its blocks.)"""
         self.scheduler.abort(request_id)
         self._outputs.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        """True while a step has work to do (requests waiting for remote KV do not count)."""
+        return self.scheduler.has_work() or bool(self._ready)
+
+    # ------------------------------------------------------------------ disaggregation hooks
+    # decode side: reserve → (peer writes the prompt's KV) → remote_prefill_done / _failed
+    def reserve_remote_prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[int] | None:
+        """Reserve blocks for a prompt whose KV a prefill peer computes. Returns the block
+        ids to be filled, or None when the pool cannot hold it now (prefill locally then)."""
+        req = self._new_request(request_id, prompt_token_ids, params)
+        if not self.scheduler.add_remote(req):
+            return None
+        self._track(req)
+        return list(req.block_ids)
+
+    def remote_prefill_done(self, request_id: str, first_token: int, logprob: float | None = None) -> None:
+        """The KV arrived and the peer sampled ``first_token``: the prompt counts as computed,
+        the token is emitted by the next ``step()``, decoding goes on here."""
+        req = self.scheduler.requests[request_id]
+        self.scheduler.remote_done(req)
+        self._ready.append((req, first_token, logprob))
+
+    def remote_prefill_failed(self, request_id: str) -> None:
+        """The KV did not arrive (after the transfer ended): compute the prompt here instead."""
+        req = self.scheduler.requests.get(request_id)
+        if req is not None:
+            self.scheduler.remote_failed(req)
+
+    # prefill side: add_request(hold_kv=True) → finished output has kv_block_ids → release_kv
+    def release_kv(self, request_id: str) -> None:
+        """Free the blocks a finished ``hold_kv`` request kept for its transfer."""
+        req = self._held.pop(request_id, None)
+        if req is not None and req.block_ids:
+            self.block_pool.free(req.block_ids)
+            req.block_ids = []
+
+    @property
+    def num_held(self) -> int:
+        return len(self._held)
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        ready = [self._postprocess(r, t, lp) for r, t, lp in self._ready]  # first tokens from prefill peers
+        self._ready = []
         batch = self.scheduler.schedule()  # 1) schedule
         self.num_preemptions += batch.num_preempted
         if batch.empty:
-            return []
+            return ready
         logits, sampling = self.runner.execute(batch)  # 2) run
         self.scheduler.advance(batch)
         reqs = [batch.requests[i] for i in sampling]
         tokens, logprobs = sample(logits, reqs)  # 3) sample
-        return [self._postprocess(r, t, lp) for r, t, lp in zip(reqs, tokens, logprobs)]  # 4) postprocess
+        return ready + [self._postprocess(r, t, lp) for r, t, lp in zip(reqs, tokens, logprobs)]  # 4) postprocess
 
     def _postprocess(self, req: Request, token: int, logprob: float | None) -> RequestOutput:
         if req.first_token_time is None:
@@ -140,8 +199,16 @@ class LLMEngine:
         st = self._outputs[req.request_id]
         out = emit(req, st, [token], [logprob], reason)
         if out.finished:
-            self.scheduler.finish(req, out.finish_reason or FinishReason.STOP)
+            hold = req.hold_kv and req.block_ids
+            self.scheduler.finish(req, out.finish_reason or FinishReason.STOP, free=not hold)
             self._outputs.pop(req.request_id, None)
+            if hold:
+                keep = self.block_pool.blocks_needed(req.num_prompt_tokens)
+                if len(req.block_ids) > keep:  # only the prompt's KV travels
+                    self.block_pool.free(req.block_ids[keep:])
+                    req.block_ids = req.block_ids[:keep]
+                self._held[req.request_id] = req
+                out.kv_block_ids = list(req.block_ids)
         return out
 
     def stats(self) -> EngineStats:
@@ -150,6 +217,8 @@ class LLMEngine:
             num_free_blocks=self.block_pool.num_free,
             num_waiting=self.scheduler.num_waiting,
             num_running=self.scheduler.num_running,
+            num_remote=self.scheduler.num_remote,
+            num_held=len(self._held),
             num_preemptions=self.num_preemptions,
             prefix_cache_hit_tokens=self.prefix_cache_hit_tokens,
         )

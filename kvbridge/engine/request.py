@@ -75,6 +75,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     new_logprobs: list[float] | None = None
     error: str | None = None
+    kv_block_ids: list[int] | None = None  # set when the engine holds the prompt's KV (hold_kv)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class Request:
     finish_reason: FinishReason | None = None
     first_token_time: float | None = None
     generator: object | None = None  # torch.Generator when seeded
+    hold_kv: bool = False  # prefill side: keep the prompt's blocks after finishing, for a transfer
 
     @property
     def all_token_ids(self) -> list[int]:

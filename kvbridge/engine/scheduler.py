@@ -59,6 +59,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     @property
+    def num_remote(self) -> int:
+        return sum(r.status == RequestStatus.WAITING_FOR_REMOTE_KV for r in self.requests.values())
+
+    @property
     def num_waiting(self) -> int:
         return len(self.waiting)
 
@@ -153,15 +157,45 @@ class Scheduler:
                 )
             req.num_committed_blocks = max(req.num_committed_blocks, full)
 
-    def finish(self, req: Request, reason: FinishReason) -> None:
-        """Finish (or abort) a request: its blocks are freed at once."""
+    # ------------------------------------------------------------------ KV computed elsewhere
+    def add_remote(self, req: Request) -> bool:
+        """Decode side: reserve blocks for the prompt, whose KV a peer will write. The request
+        waits (outside the queues) until ``remote_done`` or ``remote_failed``."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        try:
+            req.block_ids = self.pool.allocate(self.pool.blocks_needed(req.num_prompt_tokens))
+        except NoFreeBlocks:
+            return False
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.requests[req.request_id] = req
+        return True
+
+    def remote_done(self, req: Request) -> None:
+        """The prompt's KV arrived: it counts as computed; the request queues for decoding."""
+        req.num_computed_tokens = req.num_prompt_tokens
+        req.num_committed_blocks = 0
+        self.advance(ScheduledBatch([req], [0]))  # hash the full blocks for prefix hits
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
+    def remote_failed(self, req: Request) -> None:
+        """The KV did not arrive: drop the reservation; the prompt is computed here instead."""
+        self._release(req)
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def finish(self, req: Request, reason: FinishReason, free: bool = True) -> None:
+        """Finish (or abort) a request: its blocks are freed at once (unless ``free`` is
+        False: then the caller owns ``req.block_ids`` and must free them)."""
         if req.status == RequestStatus.FINISHED:
             return
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self._release(req)
+        if free:
+            self._release(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         self.requests.pop(req.request_id, None)
