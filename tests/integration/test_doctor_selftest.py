@@ -102,7 +102,7 @@ def test_no_gpu(report):
 
 def test_etcd_and_nats_reachable_with_real_servers():
     """`--etcd` / `--nats` against a real etcd and nats-server on 127.0.0.1, then stopped."""
-    services = pytest.importorskip("kvbridge.cluster.services")
+    from kvbridge.cluster import services
     from kvbridge.doctor_net import check_etcd, check_nats
 
     with services.LocalServices() as svc:  # stops both by pid and removes its folder
