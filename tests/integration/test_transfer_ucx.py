@@ -55,16 +55,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-@pytest.mark.parametrize(
-    "src,dst",
-    [
-        (list(range(0, 8)), list(range(16, 24))),  # contiguous on both sides: one run per layer
-        ([1, 2, 3, 7, 11, 12, 30], [5, 6, 9, 10, 0, 1, 31]),  # scattered: runs differ per side
-    ],
-    ids=["contiguous", "scattered"],
-)
-
-
 def test_transports_read_from_ucx(peers):
     """After the first transfer each side knows, from UCX itself, what carries the data:
     one-sided cma copies between local processes (never RMA emulated over tcp), and tcp/lo
