@@ -7,7 +7,12 @@ Flags override the file. Environment variables are read here and nowhere else:
     KVBRIDGE_MODEL          default for ``engine.model`` (a GGUF file or a HF folder)
     KVBRIDGE_NUM_THREADS    default for ``engine.num_threads``
     KVBRIDGE_LOG_FORMAT     ``text`` (default) or ``json``
+    KVBRIDGE_ETCD           default for ``cluster.etcd`` (an existing control plane)
+    KVBRIDGE_NATS           default for ``cluster.nats``
     NIXL_PLUGIN_DIR         where NIXL looks for its plugins (honoured, reported)
+    UCX_PROTO_INFO, UCX_LOG_FILE
+                            set for UCX (not read by kvbridge) so it logs the transports it
+                            picks into a file the transceiver reads back
     TRTLLM_USE_UCX_KVCACHE, TRTLLM_USE_NIXL_KVCACHE, TRTLLM_USE_MPI_KVCACHE
                             legacy selectors: never change the backend, only warned about
 """
@@ -18,11 +23,14 @@ import dataclasses
 import enum
 import importlib.util
 import os
+import re
+import tempfile
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -67,6 +75,19 @@ def legacy_transceiver_env() -> dict[str, str]:
 
 def nixl_plugin_dir_env() -> str | None:
     return env_flag("NIXL_PLUGIN_DIR")
+
+
+def ucx_protocol_log() -> Path:
+    """Ask UCX to print its protocol choices (UCX_PROTO_INFO=y) into a log file that the
+    transceiver reads back to report the transports really in use (UCX_LOG_FILE). UCX reads
+    both when libucs loads, so this runs before anything loads UCX. A UCX_LOG_FILE the user
+    set is kept; one inherited from a kvbridge parent process is replaced by our own."""
+    os.environ.setdefault("UCX_PROTO_INFO", "y")
+    mine = str(Path(tempfile.gettempdir()) / f"kvbridge-ucx-{os.getpid()}.log")
+    current = os.environ.get("UCX_LOG_FILE")
+    if current is None or (re.search(r"kvbridge-ucx-\d+\.log$", current) and current != mine):
+        os.environ["UCX_LOG_FILE"] = mine
+    return Path(os.environ["UCX_LOG_FILE"])
 
 
 def log_format_env() -> str:
@@ -215,6 +236,67 @@ class ServerConfig:
             raise ConfigError("server.max_tokens_default and server.max_tokens_limit must be positive")
 
 
+# --------------------------------------------------------------------------- cluster (disaggregated serving)
+
+ROUTER_POLICIES = ("round_robin", "least_loaded", "kv_aware")
+
+
+def etcd_env() -> str:
+    """KVBRIDGE_ETCD: the etcd endpoint of an existing control plane (default for cluster.etcd)."""
+    return os.environ.get("KVBRIDGE_ETCD", "")
+
+
+def nats_env() -> str:
+    """KVBRIDGE_NATS: the NATS url of an existing control plane (default for cluster.nats)."""
+    return os.environ.get("KVBRIDGE_NATS", "")
+
+
+@dataclass
+class ClusterConfig:
+    """Disaggregated serving: the control plane, the router, and the local cluster.
+
+    ``etcd``/``nats`` empty (and KVBRIDGE_ETCD/KVBRIDGE_NATS unset): ``kvbridge serve`` starts
+    etcd, nats-server and ``num_prefill_workers`` + ``num_decode_workers`` workers itself.
+    """
+
+    etcd: str = ""  # e.g. http://127.0.0.1:2379
+    nats: str = ""  # e.g. nats://127.0.0.1:4222
+    namespace: str = "default"
+    policy: str = "kv_aware"  # round_robin | least_loaded | kv_aware
+    min_prefill_tokens: int = 0  # shorter prompts are prefilled on the decode worker itself
+    max_prefill_queue: int = 8  # every prefill queue deeper than this: prefill on the decode worker
+    num_prefill_workers: int = 1  # local cluster only
+    num_decode_workers: int = 1  # local cluster only
+    worker_threads: int = 1  # torch threads per worker of the local cluster (0: one per pinned core)
+    prefill_timeout_s: float = 30.0  # a prefill call slower than this falls back to a local prefill
+
+    def __post_init__(self) -> None:
+        self.etcd = self.etcd or etcd_env()
+        self.nats = self.nats or nats_env()
+        if self.policy not in ROUTER_POLICIES:
+            raise ConfigError(f"cluster.policy must be one of {', '.join(ROUTER_POLICIES)}, not {self.policy!r}")
+        for name in ("min_prefill_tokens", "max_prefill_queue", "num_prefill_workers", "worker_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"cluster.{name} must be >= 0")
+        if self.num_decode_workers < 1:
+            raise ConfigError("cluster.num_decode_workers must be at least 1")
+        if bool(self.etcd) != bool(self.nats):
+            missing = "nats (or KVBRIDGE_NATS)" if self.etcd else "etcd (or KVBRIDGE_ETCD)"
+            raise ConfigError(f"cluster: give both etcd and NATS endpoints or neither; set cluster.{missing}")
+        if self.prefill_timeout_s <= 0:
+            raise ConfigError("cluster.prefill_timeout_s must be positive")
+
+    @property
+    def local(self) -> bool:
+        """No endpoints: the local cluster starts its own etcd and nats-server."""
+        return not self.etcd
+
+    @property
+    def etcd_endpoint(self) -> str:
+        """The etcd endpoint the client talks to (the first of a comma-separated list)."""
+        return self.etcd.split(",")[0].strip()
+
+
 # --------------------------------------------------------------------------- root
 
 
@@ -223,6 +305,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     cache_transceiver_config: CacheTransceiverConfig = field(default_factory=CacheTransceiverConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:

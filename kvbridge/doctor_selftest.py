@@ -16,11 +16,11 @@ import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kvbridge.config import ucx_protocol_log
 from kvbridge.doctor_checks import Finding, Status
 
 # 2 layers x 256 blocks x 64 KiB = 32 MiB per peer; a transfer of all blocks is one run
@@ -49,9 +49,8 @@ class SelfTestResult:
 
 
 def _child(conn: Any, role: str, backend: dict[str, Any], seed: int) -> None:
-    # our own UCX log file (probe.setup_ucx_log in the parent put the parent's in the env)
-    log_file = os.path.join(tempfile.gettempdir(), f"kvbridge-ucx-{os.getpid()}.log")
-    os.environ["UCX_LOG_FILE"] = log_file
+    # our own UCX log file (the parent's is in the inherited environment)
+    log_file = str(ucx_protocol_log())
     try:
         _serve(conn, role, backend, seed)
     finally:

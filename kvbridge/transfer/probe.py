@@ -19,11 +19,10 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvbridge.config import nixl_plugin_dir_env
+from kvbridge.config import nixl_plugin_dir_env, ucx_protocol_log
 
 NIXL_DISTRIBUTIONS = ("nixl-cu12", "nixl-cu13", "nixl")
 NIXL_MODULES = ("nixl_cu12", "nixl_cu13")
@@ -118,16 +117,9 @@ def _ldd_not_found(path: str) -> list[str]:
 
 
 def setup_ucx_log() -> Path:
-    """Make UCX print its protocol choices (UCX_PROTO_INFO) into a file we read back
-    (UCX_LOG_FILE). UCX reads UCX_LOG_FILE when libucs is loaded, so this runs before
-    anything loads UCX (plugin probing included). These are settings for UCX, written for
-    it, not settings of kvbridge; a UCX_LOG_FILE the user set is kept and read."""
-    os.environ.setdefault("UCX_PROTO_INFO", "y")
-    mine = str(Path(tempfile.gettempdir()) / f"kvbridge-ucx-{os.getpid()}.log")
-    current = os.environ.get("UCX_LOG_FILE")
-    if current is None or (re.search(r"kvbridge-ucx-\d+\.log$", current) and current != mine):
-        os.environ["UCX_LOG_FILE"] = mine  # unset, or inherited from a kvbridge parent process
-    return Path(os.environ["UCX_LOG_FILE"])
+    """Make UCX print its protocol choices into a file we read back (see
+    ``config.ucx_protocol_log``); runs before anything loads UCX (plugin probing included)."""
+    return ucx_protocol_log()
 
 
 def plugin_status(name: str, plugin_dir: str | None = None) -> PluginStatus:
