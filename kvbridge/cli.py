@@ -12,6 +12,7 @@ import functools
 import importlib
 import json
 import logging
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -40,6 +41,15 @@ ENGINE_FLAGS = {
     "max_model_len": ("engine", "max_model_len"),
     "kv_cache_memory_mb": ("engine", "kv_cache_memory_mb"),
     "num_threads": ("engine", "num_threads"),
+}
+CLUSTER_FLAGS = {
+    "etcd": ("cluster", "etcd"),
+    "nats": ("cluster", "nats"),
+    "namespace": ("cluster", "namespace"),
+    "policy": ("cluster", "policy"),
+    "min_prefill_tokens": ("cluster", "min_prefill_tokens"),
+    "prefill_workers": ("cluster", "num_prefill_workers"),
+    "decode_workers": ("cluster", "num_decode_workers"),
 }
 SERVER_FLAGS = {
     "host": ("server", "host"),
@@ -121,8 +131,26 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    cfg = build_config(args, {**ENGINE_FLAGS, **SERVER_FLAGS})
+    cfg = build_config(args, {**ENGINE_FLAGS, **SERVER_FLAGS, **CLUSTER_FLAGS})
     setup_logging(cfg.server.log_level)
+    if args.aggregated:
+        return serve_aggregated(cfg)
+    from kvbridge.serving.launch import LaunchError, run_frontend, run_local_cluster
+
+    sock = _listen(cfg.server.host, cfg.server.port)
+    try:
+        if cfg.cluster.local or args.prefill_workers is not None or args.decode_workers is not None:
+            extra = [f"--{dest.replace('_', '-')}={getattr(args, dest)}" for dest in ENGINE_FLAGS if getattr(args, dest, None) is not None]
+            return run_local_cluster(cfg, sock, args.config or "", extra)
+        return run_frontend(cfg, sock)
+    except LaunchError as e:
+        raise CLIError(str(e), code=1) from None
+    finally:
+        sock.close()
+
+
+def serve_aggregated(cfg: Any) -> int:
+    """Today's single-process server: one engine behind the OpenAI API."""
     log = logging.getLogger("kvbridge.serve")
 
     sock = _listen(cfg.server.host, cfg.server.port)  # before the model loads: a busy port fails fast
@@ -217,11 +245,41 @@ def cmd_chat(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- worker (issue 5)
 
 
+WORKER_FLAGS = {
+    "etcd": ("cluster", "etcd"),
+    "nats": ("cluster", "nats"),
+    "namespace": ("cluster", "namespace"),
+    "kv_backend": ("cache_transceiver_config", "backend"),
+}
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
-    raise CLIError(
-        "not implemented yet: disaggregated prefill/decode workers come with the "
-        "disaggregated-serving work; use `kvbridge serve` for aggregated serving"
-    )
+    cfg = build_config(args, {**ENGINE_FLAGS, **SERVER_FLAGS, **WORKER_FLAGS})
+    setup_logging(cfg.server.log_level)
+    from kvbridge.cluster.messages import WorkerRole
+    from kvbridge.serving.launch import run_worker
+    from kvbridge.transfer.base import BackendUnavailable
+
+    role = WorkerRole(args.role)
+    if args.num_nodes != 1:
+        raise CLIError(
+            f"--num-nodes {args.num_nodes}: multinode decode workers are not implemented in this build; "
+            "deploy single-node decode workers (leave decode.multinode out of cluster.yaml)"
+        )
+    cpus = None
+    if args.cpus:
+        try:
+            cpus = [int(c) for c in args.cpus.split(",")]
+        except ValueError:
+            raise CLIError(f"--cpus takes core numbers like 0,1, not {args.cpus!r}") from None
+    worker_id = args.worker_id or f"{role.value}-{socket.gethostname()}-{os.getpid()}"
+    sock = _listen(cfg.server.host, cfg.server.port)
+    try:
+        return run_worker(cfg, role, worker_id, sock, cpus)
+    except BackendUnavailable as e:
+        raise CLIError(str(e), code=1) from None
+    finally:
+        sock.close()
 
 
 # --------------------------------------------------------------------------- delegates
@@ -267,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", help="address to bind (default: 127.0.0.1)")
     g.add_argument("--port", type=int, help="port to bind (default: 8000)")
     g.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, help="log level (default: info)")
+    g = s.add_argument_group("cluster (default: a local cluster of etcd, nats-server, 1 prefill and 1 decode worker)")
+    g.add_argument("--aggregated", action="store_true", help="one engine in this process, no workers (no etcd, no NATS)")
+    g.add_argument("--etcd", help="etcd endpoint of a running control plane (default: cluster.etcd, KVBRIDGE_ETCD, or start one)")
+    g.add_argument("--nats", help="NATS url of a running control plane (default: cluster.nats, KVBRIDGE_NATS, or start one)")
+    g.add_argument("--namespace", help="cluster namespace in etcd and NATS (default: default)")
+    g.add_argument("--policy", choices=("round_robin", "least_loaded", "kv_aware"), help="routing policy (default: kv_aware)")
+    g.add_argument("--min-prefill-tokens", type=int, help="shorter prompts are prefilled on the decode worker (default: 0)")
+    g.add_argument("--prefill-workers", type=int, help="prefill worker processes to start (default: 1)")
+    g.add_argument("--decode-workers", type=int, help="decode worker processes to start (default: 1)")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser(
@@ -298,11 +365,24 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_parser(words[0], help=about, add_help=False)
 
     w = sub.add_parser(
-        "worker", help="a prefill or decode worker of a disaggregated deployment (not implemented yet)",
-        description="A prefill or decode worker of a disaggregated deployment. Not implemented yet.",
+        "worker", help="a prefill, decode or aggregated worker of a cluster",
+        description="One engine with its KV transceiver and an HTTP endpoint, registered in etcd, publishing to NATS.",
     )  # fmt: skip
-    w.add_argument("--config", metavar="YAML", help="config file")
-    w.add_argument("--disaggregation-mode", choices=("prefill", "decode"), help="the worker's role")
+    w.add_argument("--role", choices=("prefill", "decode", "both"), required=True, help="prefill, decode, or both (aggregated)")
+    w.add_argument("--config", metavar="YAML", help="config file (engine:, cache_transceiver_config:, cluster:)")
+    w.add_argument("--etcd", help="etcd endpoint (default: cluster.etcd or KVBRIDGE_ETCD; none: not registered)")
+    w.add_argument("--nats", help="NATS url (default: cluster.nats or KVBRIDGE_NATS; none: no events)")
+    w.add_argument("--namespace", help="cluster namespace (default: default)")
+    w.add_argument("--host", help="address to bind (default: 127.0.0.1)")
+    w.add_argument("--port", type=int, help="port to bind (default: 8000; 0 picks a free one)")
+    w.add_argument("--worker-id", help="name in etcd and NATS (default: role-host-pid)")
+    w.add_argument("--kv-backend", type=str.upper, choices=("DEFAULT", "NIXL", "UCX"), help="cache_transceiver_config.backend")
+    w.add_argument("--cpus", help="pin the worker to these cores, e.g. 0 or 2,3")
+    w.add_argument("--num-nodes", type=int, default=1, help="nodes of one multinode decode worker (only 1 in this build)")
+    w.add_argument("--node-rank", default="0", help=argparse.SUPPRESS)
+    w.add_argument("--leader-address", default="", help=argparse.SUPPRESS)
+    w.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, help="log level (default: info)")
+    _add_engine_flags(w)
     w.set_defaults(func=cmd_worker)
     return p
 

@@ -122,8 +122,9 @@ def test_flags_override_the_yaml(tmp_path: Path):
     assert (cfg.engine.model, cfg.server.host, cfg.server.port) == ("b.gguf", "127.0.0.1", 8000)
 
 
-def test_worker_is_a_clear_placeholder(capsys):
-    one_line_error(capsys, ["worker"], "not implemented yet")
+def test_prefill_worker_without_a_transceiver_is_one_line(capsys):
+    argv = ["worker", "--role", "prefill", "--model", "x.gguf", "--port", "0"]
+    one_line_error(capsys, argv, "cache_transceiver_config.backend")
 
 
 def test_delegates_get_their_argv(monkeypatch, capsys):
@@ -154,7 +155,7 @@ def test_serve_binds_first_logs_one_line_and_runs_uvicorn(monkeypatch, capsys):
     from kvbridge.engine.block_pool import BlockPool
 
     class StubEngine:
-        model_name, max_model_len = "stub-model", 128
+        model_name, max_model_len, dtype_name = "stub-model", 128, "bfloat16"
         block_pool = BlockPool(10, 16)
         tokenizer = None
 
@@ -169,7 +170,7 @@ def test_serve_binds_first_logs_one_line_and_runs_uvicorn(monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "_load_engine", lambda cfg, log: StubEngine())
     monkeypatch.setattr(uvicorn.Server, "run", fake_run)
-    assert cli.main(["serve", "--model", "x.gguf", "--port", "0", "--dtype", "bfloat16"]) == 0
+    assert cli.main(["serve", "--aggregated", "--model", "x.gguf", "--port", "0", "--dtype", "bfloat16"]) == 0
     host, port = ran["address"]
     assert host == "127.0.0.1" and port > 0
     (line,) = [x for x in capsys.readouterr().err.splitlines() if "kvbridge.serve" in x]
