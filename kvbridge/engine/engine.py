@@ -178,17 +178,18 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        ready = [self._postprocess(r, t, lp) for r, t, lp in self._ready]  # first tokens from prefill peers
-        self._ready = []
+        if self._ready:  # first tokens from prefill peers: hand them out before a model step
+            ready, self._ready = self._ready, []
+            return [self._postprocess(r, t, lp) for r, t, lp in ready]
         batch = self.scheduler.schedule()  # 1) schedule
         self.num_preemptions += batch.num_preempted
         if batch.empty:
-            return ready
+            return []
         logits, sampling = self.runner.execute(batch)  # 2) run
         self.scheduler.advance(batch)
         reqs = [batch.requests[i] for i in sampling]
         tokens, logprobs = sample(logits, reqs)  # 3) sample
-        return ready + [self._postprocess(r, t, lp) for r, t, lp in zip(reqs, tokens, logprobs)]  # 4) postprocess
+        return [self._postprocess(r, t, lp) for r, t, lp in zip(reqs, tokens, logprobs)]  # 4) postprocess
 
     def _postprocess(self, req: Request, token: int, logprob: float | None) -> RequestOutput:
         if req.first_token_time is None:

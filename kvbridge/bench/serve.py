@@ -1,0 +1,326 @@
+"""`kvbridge bench serve`: one workload against aggregated and disaggregated serving.
+
+For each target (by default: a single-process aggregated server, then the local
+disaggregated cluster, each started here on free 127.0.0.1 ports and stopped by pid) and
+each workload, it sends a bounded number of requests at a fixed concurrency (or rate) and
+reports time to first token p50/p99, time per output token, request and token throughput,
+and, for disaggregated serving, the KV transfer's share of TTFT (from the frontend's
+/metrics). Results go to stdout, a JSON file and PNG plots.
+
+Workloads:
+  --prompt-tokens 512,2048 --output-tokens 64        random token ids (no prefix reuse)
+  --chat                                              ~200-token chat prompts, 32 output
+                                                      tokens, 8 concurrent (the vLLM comparison)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+VLLM_REFERENCE = "vLLM 0.32 CPU build (reported in the issue): aggregated 4.4 req/s (TTFT p50 ~730 ms); disaggregated with NixlConnector 2.0 req/s (TTFT p50 686 ms, p99 2.5 s)"
+TOPICS = [
+    "the history of the printing press", "how tides work", "the rules of chess", "photosynthesis",
+    "the water cycle", "how vaccines train the immune system", "the causes of the French Revolution",
+    "how a CPU cache works", "the life cycle of stars", "why the sky is blue", "how bread rises",
+    "plate tectonics", "the invention of the telephone", "how bees communicate", "compound interest",
+    "the Roman aqueducts",
+]  # fmt: skip
+
+
+@dataclass
+class Workload:
+    name: str
+    num_requests: int
+    concurrency: int
+    output_tokens: int
+    prompt_tokens: int = 0  # token-id prompts of this length (0: chat prompts)
+    rate: float = 0.0  # requests/s (0: closed loop at `concurrency`)
+
+
+@dataclass
+class Result:
+    target: str
+    workload: str
+    num_ok: int
+    num_failed: int
+    seconds: float
+    req_per_s: float
+    out_tok_per_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    tpot_ms: float
+    transfer_share_of_ttft: float | None = None
+    ttft_split_ms: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `kvbridge serve` subprocess on a free port, stopped by its own pid."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
+        self.name, self.port = name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log = (log_dir / f"{name}.log").open("w")
+        env = {**os.environ, "UCX_NET_DEVICES": os.environ.get("UCX_NET_DEVICES", "lo")}
+        cmd = [sys.executable, "-m", "kvbridge.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+# --------------------------------------------------------------------------- load
+
+
+def chat_prompt(i: int, target_words: int = 150) -> list[dict[str, str]]:
+    topic = TOPICS[i % len(TOPICS)]
+    context = " ".join(f"Note {j} about {topic}: keep the answer short and concrete." for j in range(target_words // 10))
+    return [{"role": "user", "content": f"Request {i}. {context} Explain {topic} in two sentences."}]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, w: Workload, i: int, rng: random.Random) -> tuple[float, float, int] | None:
+    """→ (ttft s, total s, output tokens) or None on failure. Streams and times the first content."""
+    if w.prompt_tokens:
+        body = {"prompt": [rng.randrange(100, 40000) for _ in range(w.prompt_tokens)], "max_tokens": w.output_tokens}
+        path = "/v1/completions"
+    else:
+        body = {"messages": chat_prompt(i), "max_tokens": w.output_tokens}
+        path = "/v1/chat/completions"
+    body |= {"stream": True, "temperature": 0, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    try:
+        async with client.stream("POST", url + path, json=body, timeout=600) as r:
+            if r.status_code != 200:
+                return None
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return None
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if ttft is None and chunk.get("choices"):
+                    ttft = time.perf_counter() - t0
+    except httpx.HTTPError:
+        return None
+    if ttft is None:
+        return None
+    return ttft, time.perf_counter() - t0, tokens
+
+
+async def run_load(url: str, w: Workload, seed: int = 0) -> tuple[list[tuple[float, float, int]], int, float]:
+    rng = random.Random(seed)
+    results: list[tuple[float, float, int]] = []
+    failed = 0
+    limits = httpx.Limits(max_connections=w.concurrency + 4)
+    async with httpx.AsyncClient(limits=limits) as client:
+        sem = asyncio.Semaphore(w.concurrency)
+
+        async def task(i: int) -> None:
+            nonlocal failed
+            async with sem:
+                got = await one_request(client, url, w, i, rng)
+            if got is None:
+                failed += 1
+            else:
+                results.append(got)
+
+        t0 = time.perf_counter()
+        tasks = []
+        for i in range(w.num_requests):
+            tasks.append(asyncio.create_task(task(i)))
+            if w.rate:
+                await asyncio.sleep(rng.expovariate(w.rate))
+        await asyncio.gather(*tasks)
+        return results, failed, time.perf_counter() - t0
+
+
+def ttft_split(url: str) -> dict[str, tuple[float, int]]:
+    """Sum and count of the frontend's TTFT components (empty for an aggregated server)."""
+    try:
+        text = httpx.get(url + "/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, list[float]] = {}
+    for m in re.finditer(r'^(\w*ttft\w*_seconds)_(sum|count)\{[^}]*(?:component|phase|part)="(\w+)"[^}]*\}\s+(\S+)', text, re.M):
+        _, kind, comp, value = m.groups()
+        out.setdefault(comp, [0.0, 0.0])[0 if kind == "sum" else 1] = float(value)
+    return {k: (v[0], int(v[1])) for k, v in out.items()}
+
+
+def summarize(target: str, w: Workload, runs: list[tuple[float, float, int]], failed: int, seconds: float,
+              before: dict, after: dict) -> Result:  # fmt: skip
+    ttfts = sorted(r[0] for r in runs) or [float("nan")]
+    tpots = [(r[1] - r[0]) / (r[2] - 1) for r in runs if r[2] > 1]
+    out_tokens = sum(r[2] for r in runs)
+    split = {}
+    for comp, (s, n) in after.items():
+        s0, n0 = before.get(comp, (0.0, 0))
+        if n - n0 > 0:
+            split[comp] = 1000 * (s - s0) / (n - n0)
+    p99 = ttfts[min(len(ttfts) - 1, int(round(0.99 * (len(ttfts) - 1))))]
+    ttft_mean_ms = 1000 * statistics.fmean(ttfts) if runs else float("nan")
+    share = split["transfer"] / ttft_mean_ms if "transfer" in split and runs else None
+    return Result(
+        target=target, workload=w.name, num_ok=len(runs), num_failed=failed, seconds=seconds,
+        req_per_s=len(runs) / seconds, out_tok_per_s=out_tokens / seconds,
+        ttft_p50_ms=1000 * statistics.median(ttfts), ttft_p99_ms=1000 * p99,
+        tpot_ms=1000 * statistics.fmean(tpots) if tpots else float("nan"),
+        transfer_share_of_ttft=share, ttft_split_ms=split,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- report
+
+
+def print_table(results: list[Result]) -> None:
+    head = f"{'target':<15} {'workload':<22} {'ok':>4} {'fail':>4} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT ms':>8} {'KV xfer/TTFT':>12}"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        share = f"{100 * r.transfer_share_of_ttft:.1f}%" if r.transfer_share_of_ttft is not None else "-"
+        print(f"{r.target:<15} {r.workload:<22} {r.num_ok:>4} {r.num_failed:>4} {r.req_per_s:>7.2f} {r.out_tok_per_s:>8.1f} "
+              f"{r.ttft_p50_ms:>8.0f}ms {r.ttft_p99_ms:>8.0f}ms {r.tpot_ms:>8.1f} {share:>12}")  # fmt: skip
+        if r.ttft_split_ms:
+            print(" " * 16 + "TTFT split (mean ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r.ttft_split_ms.items()))
+
+
+def plot(results: list[Result], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    workloads = list(dict.fromkeys(r.workload for r in results))
+    targets = list(dict.fromkeys(r.target for r in results))
+    for metric, label in (("ttft_p50_ms", "TTFT p50 (ms)"), ("ttft_p99_ms", "TTFT p99 (ms)"), ("req_per_s", "requests/s")):
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        width = 0.8 / max(1, len(targets))
+        for j, t in enumerate(targets):
+            vals = [next((getattr(r, metric) for r in results if r.target == t and r.workload == w), 0) for w in workloads]
+            ax.bar([i + j * width for i in range(len(workloads))], vals, width, label=t)
+        ax.set_xticks([i + width * (len(targets) - 1) / 2 for i in range(len(workloads))], workloads)
+        ax.set_ylabel(label)
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"serve_{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kvbridge bench serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--targets", default="aggregated,disaggregated", help="which to start and measure (comma list)")
+    p.add_argument("--url", action="append", default=[], metavar="NAME=URL", help="measure a running server instead (repeatable)")
+    p.add_argument("--prompt-tokens", default="512,2048", help="token-id prompt lengths (comma list); empty: none")
+    p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--num-requests", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--rate", type=float, default=0.0, help="requests/s (default: closed loop at --concurrency)")
+    p.add_argument("--chat", action="store_true", help="also the vLLM comparison: ~200-token chats, 32 out, 8 concurrent")
+    p.add_argument("--chat-requests", type=int, default=48)
+    p.add_argument("--serve-args", default="", help="extra flags for both `kvbridge serve` commands")
+    p.add_argument("--out", default="bench_out/serve")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    print("command:", "kvbridge bench serve " + " ".join(argv if argv is not None else sys.argv[3:]))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    workloads = [Workload(f"{n} in/{a.output_tokens} out", a.num_requests, a.concurrency, a.output_tokens, int(n), a.rate)
+                 for n in a.prompt_tokens.split(",") if n.strip()]  # fmt: skip
+    if a.chat:
+        workloads.append(Workload("chat ~200 in/32 out c8", a.chat_requests, 8, 32))
+    extra = a.serve_args.split()
+    plans: list[tuple[str, list[str] | str]] = [tuple(u.split("=", 1)) for u in a.url]  # type: ignore[misc]
+    if not plans:
+        for t in a.targets.split(","):
+            plans.append((t, ["--aggregated", *extra] if t == "aggregated" else extra))
+    results: list[Result] = []
+    for name, how in plans:
+        server = None
+        if isinstance(how, str):
+            url = how
+        else:
+            print(f"starting {name}: kvbridge serve {' '.join(how)}", flush=True)
+            server = Server(name, how, out)
+            server.wait_ready()
+            url = server.url
+        try:
+            asyncio.run(run_load(url, Workload("warm-up", 4, 2, 4, 64)))
+            for w in workloads:
+                before = ttft_split(url)
+                runs, failed, seconds = asyncio.run(run_load(url, w))
+                r = summarize(name, w, runs, failed, seconds, before, ttft_split(url))
+                results.append(r)
+                print_table([r])
+        finally:
+            if server:
+                server.stop()
+    print()
+    print_table(results)
+    if a.chat:
+        print(VLLM_REFERENCE)
+    (out / "serve.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    for f in plot(results, out):
+        print("plot:", f)
+    print("json:", out / "serve.json")
+    return 0 if all(r.num_failed == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
