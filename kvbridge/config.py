@@ -268,6 +268,10 @@ class ClusterConfig:
     num_prefill_workers: int = 1  # local cluster only
     num_decode_workers: int = 1  # local cluster only
     worker_threads: int = 1  # torch threads per worker of the local cluster (0: one per pinned core)
+    # local cluster: prefill workers may use every core (unpinned), decode stays pinned to its own.
+    # None (auto): yes on machines with fewer than 4 cores, where a pinned prefill worker would get
+    # one core and a long prompt's TTFT would double; no otherwise (disjoint cores).
+    prefill_on_all_cores: bool | None = None
     prefill_timeout_s: float = 30.0  # a prefill call slower than this falls back to a local prefill
 
     def __post_init__(self) -> None:

@@ -69,23 +69,27 @@ def read_kv(kv_layer: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, t
     return g[0], g[1]
 
 
-# Above this many score elements per head group, the fused kernel (no (Q, ctx) matrix) wins.
-SMALL_ATTENTION = 1 << 18
+# Half-precision prefill computes scores for at most this many (head, query, key) elements at a
+# time (float32: 16 MiB), chunking the queries of long prompts.
+SCORE_ELEMENTS = 1 << 22
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, mask_from: int = 0
+) -> torch.Tensor:
     """Plain softmax(q k^T) v with grouped heads, scores in float32.
 
-    q (..., nkv, g, Q, hd), k/v (..., nkv, L, hd), mask broadcastable to (..., nkv, g, Q, L).
-    On CPU the fused SDPA kernel is slow for half precision and few queries; this is two
-    batched matmuls in the model's dtype.
+    q (..., nkv, g, Q, hd), k/v (..., nkv, L, hd); ``mask`` covers the keys from ``mask_from``
+    on (keys before it are visible to every query) and broadcasts to (..., nkv, g, Q, L - mask_from).
+    On CPU the fused SDPA kernel is slow for half precision; this is two batched matmuls in
+    the model's dtype.
     """
     *lead, nkv, g, nq, hd = q.shape
-    qf = q.reshape(*lead, nkv, g * nq, hd)
-    s = torch.matmul(qf, k.transpose(-1, -2)).float().mul_(scale)  # (..., nkv, g*Q, L)
+    qf = (q * scale).reshape(*lead, nkv, g * nq, hd)
+    s = torch.matmul(qf, k.transpose(-1, -2)).float()  # (..., nkv, g*Q, L)
     s = s.view(*lead, nkv, g, nq, -1)
     if mask is not None:
-        s.masked_fill_(~mask, float("-inf"))
+        s[..., mask_from:].masked_fill_(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1).to(v.dtype).view(*lead, nkv, g * nq, -1)
     return torch.matmul(p, v).view(*lead, nkv, g, nq, hd)
 
@@ -96,7 +100,8 @@ def paged_attention(
     """q (T, nh, hd), fresh k/v (T, nkv, hd) → attention output (T, nh, hd).
 
     float32 uses torch's fused SDPA (bit-compatible with transformers' default path);
-    bfloat16/float16 use ``grouped_attention`` where the score matrix is small."""
+    bfloat16/float16 use ``grouped_attention``: torch's fused CPU kernel is several times
+    slower in half precision, for decode and for long prompts alike."""
     out = torch.empty_like(q)
     T, nh, hd = q.shape
     nkv = k.shape[1]
@@ -120,7 +125,7 @@ def paged_attention(
         else:
             kp, vp = read_kv(kv_layer, p.kv_rows)  # (nkv, ctx, hd)
         first = p.ctx_len - p.num_new  # position of the first query
-        if fused or p.num_new * p.ctx_len > SMALL_ATTENTION:
+        if fused:
             qp = q[rows].transpose(0, 1)  # (nh, Q, hd)
             if fresh:
                 op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
@@ -128,10 +133,16 @@ def paged_attention(
                 mask = _causal_mask(first, p.ctx_len, q.device)
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
             out[rows] = op.transpose(0, 1)
-        else:
-            qp = q[rows].view(p.num_new, nkv, g, hd).permute(1, 2, 0, 3)  # (nkv, g, Q, hd)
-            op = grouped_attention(qp, kp, vp, _causal_mask(first, p.ctx_len, q.device), scale)  # (nkv, g, Q, hd)
-            out[rows] = op.permute(2, 0, 1, 3).reshape(p.num_new, nh, hd)
+            continue
+        # half precision: query chunks small enough that a chunk's scores stay a few MB
+        step = max(1, SCORE_ELEMENTS // (nh * p.ctx_len))
+        for q0 in range(0, p.num_new, step):
+            q1 = min(p.num_new, q0 + step)
+            ctx = first + q1  # keys past the chunk's last query are never seen
+            qp = q[p.start + q0 : p.start + q1].view(q1 - q0, nkv, g, hd).permute(1, 2, 0, 3)  # (nkv, g, Qc, hd)
+            diag = _causal_mask(first + q0, ctx, q.device)[:, first + q0 :]  # (Qc, Qc): earlier keys all visible
+            op = grouped_attention(qp, kp[:, :ctx], vp[:, :ctx], diag, scale, mask_from=first + q0)  # (nkv, g, Qc, hd)
+            out[p.start + q0 : p.start + q1] = op.permute(2, 0, 1, 3).reshape(q1 - q0, nh, hd)
     return out
 
 

@@ -292,8 +292,13 @@ def run_local_cluster(cfg: Config, sock: socket.socket, cfg_path: str, extra: li
         for wid, cpus in plan.items():
             role = wid.split("-")[0]
             w_extra = list(extra)
+            threads = c.worker_threads or len(cpus or os.sched_getaffinity(0))
+            all_cores = c.prefill_on_all_cores if c.prefill_on_all_cores is not None else len(os.sched_getaffinity(0)) < 4
+            if role == "prefill" and all_cores:
+                cpus, threads = None, len(os.sched_getaffinity(0))
+                plan[wid] = None
             if not cfg.engine.num_threads and "--num-threads" not in extra:  # not set by the user: per worker
-                w_extra += ["--num-threads", str(c.worker_threads or len(cpus or os.sched_getaffinity(0)))]
+                w_extra += ["--num-threads", str(threads)]
             p = WorkerProcess(wid, worker_argv(cfg_path, role, wid, etcd, nats, cfg, cpus, w_extra), env, logs / f"{wid}.log")
             procs.append(p)
             p.start()
