@@ -30,17 +30,17 @@ import socket
 import struct
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from kvbridge.transfer.base import (
     PROTOCOL_VERSION,
+    FailureCause,
     HandshakeRefused,
     Hello,
     PeerInfo,
     ProtocolError,
     Refused,
     TransferError,
-    FailureCause,
     Welcome,
     decode,
     encode,

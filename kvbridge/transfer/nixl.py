@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections import OrderedDict
 import os
 import threading
 import time
 import uuid
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,47 +34,29 @@ from kvbridge.config import CacheTransceiverConfig, TransferMode
 from kvbridge.engine.kv_cache import KVCache
 from kvbridge.transfer import handshake, probe
 from kvbridge.transfer.base import (
-    PROTOCOL_VERSION,
-    Abort,
-    AbortAck,
     BackendUnavailable,
-    BlocksReady,
     FailureCause,
-    KVTransceiver,
     Msg,
     PeerInfo,
     ProtocolError,
-    ReadDone,
-    ReceiveRequest,
     Role,
     TransferError,
     TransferEvent,
-    TransferStatus,
     WriteDone,
     WriteStarted,
     decode,
     encode,
     record,
 )
+from kvbridge.transfer.lifecycle import LAYOUT, LifecycleTransceiver, _Req, runs
+
+__all__ = ["LAYOUT", "NixlTransceiver", "runs"]
 
 log = logging.getLogger("kvbridge.transfer.nixl")
 
-LAYOUT = "layer_block"
 _OWN_OP_CAP = 50e-6  # poll interval while our own op is in flight
 _SPIN_S = 200e-6  # after posting, re-poll without sleeping this long (sleeps are >= ~60 µs)
 _HOT_S = 2e-3  # after a message or event, poll every 50 µs this long before relying on nudges
-
-
-def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
-    """Runs consecutive on both sides: [(src_first, dst_first, length), ...]."""
-    out: list[tuple[int, int, int]] = []
-    for s, d in zip(src, dst, strict=True):
-        if out and out[-1][0] + out[-1][2] == s and out[-1][1] + out[-1][2] == d:
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
-        else:
-            out.append((s, d, 1))
-    return out
-
 
 @dataclass
 class _Peer:
@@ -89,26 +69,10 @@ class _Peer:
     transports_read: float = 0.0
 
 
-@dataclass
-class _Req:
-    request_id: str
-    role: Role
-    block_ids: list[int]
-    peer: str | None = None  # agent name
-    peer_block_ids: list[int] = field(default_factory=list)
-    started: float | None = None  # when the transfer started (timeout clock)
-    xfer: Any = None  # in-flight NIXL handle (ours)
-    checksums: list[int] = field(default_factory=list)
-    ending: FailureCause | None = None  # terminating with this cause
-    ending_msg: str = ""
-    ending_since: float = 0.0
-    need_ack: bool = False  # waiting for the peer's AbortAck before the blocks are safe
-    ack_to: str | None = None  # the peer that aborted: answer AbortAck once we are safe
-    num_bytes: int = 0
 
-
-class NixlTransceiver(KVTransceiver):
+class NixlTransceiver(LifecycleTransceiver):
     backend_name = "nixl"
+    _log = log
 
     def __init__(
         self,
@@ -123,12 +87,10 @@ class NixlTransceiver(KVTransceiver):
     ) -> None:
         super().__init__(kv, config, model_id=model_id)
         self.nixl_backend = (nixl_backend or config.nixl_backend).upper()
-        self.mode = config.mode
-        self.timeout_s = config.kv_transfer_timeout_ms / 1000.0
+        self._init_lifecycle()
         self._ucx_log = probe.setup_ucx_log() if self.nixl_backend == "UCX" else None
         self._ucx_log_pos = 0
         self._ucx_text = ""
-        self.last_transports: str | None = None
         inst = probe.nixl_install()
         api = __import__(f"{inst.module}._api", fromlist=["nixl_agent"])
         self.agent_name = f"{name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -150,32 +112,7 @@ class NixlTransceiver(KVTransceiver):
         self._local_dlist = self.agent.prep_xfer_dlist(
             "", _block_descs(kv.base_address, lay.num_layers, lay.num_blocks, lay.block_bytes, self.device_id), self.mem_type
         )
-        self._bytes_np = kv.as_bytes().numpy() if not kv.is_cuda else None
-        fields = {k: str(v) for k, v in lay.fingerprint_fields(model_id).items()}
-        self._info = PeerInfo(
-            protocol_version=PROTOCOL_VERSION,
-            backend=f"nixl/{self.nixl_backend}",
-            agent_name=self.agent_name,
-            agent_metadata=self.agent.get_agent_metadata(),
-            region_bases=[kv.base_address],
-            mem_type=self.mem_type,
-            device_id=self.device_id,
-            num_blocks=lay.num_blocks,
-            block_bytes=lay.block_bytes,
-            layout=LAYOUT,
-            fingerprint=lay.fingerprint(model_id),
-            fingerprint_fields=fields,
-            bootstrap="",
-        )
-        self._peers: dict[str, _Peer] = {}
-        self._reqs: dict[str, _Req] = {}
-        self._active: set[str] = set()  # requests a poll must look at (timer running, op in flight, ending)
-        self._asked: dict[str, tuple[str, list[int]]] = {}  # rid → (peer, dst ids) before send()
-        self._tombstones: OrderedDict[str, FailureCause] = OrderedDict()  # rids ended early, for late messages
-        self._events: list[TransferEvent] = []
-        self._accepted: list[PeerInfo] = []  # from the bootstrap thread (list.append is atomic)
-        self._lost: list[str] = []
-        self._broken: str | None = None
+        self._info = self._make_info(model_id, f"nixl/{self.nixl_backend}", self.agent.get_agent_metadata())
         self._wake = threading.Event()
         self._own_op_since = 0.0  # when we last posted a one-sided op (wait() spins briefly after)
         self._last_activity = 0.0  # last message or event (wait() stays quick for a while after)
@@ -198,24 +135,6 @@ class NixlTransceiver(KVTransceiver):
         )
 
     # ----------------------------------------------------------------- connection
-    @property
-    def bootstrap_address(self) -> str:
-        return self._server.address
-
-    @property
-    def refusals(self) -> list[tuple[str, str]]:
-        """Handshakes this side's endpoint refused: (field, reason)."""
-        return list(self._server.refusals)
-
-    def connect(self, address: str, timeout_s: float = 10.0) -> str:
-        for p in self._peers.values():
-            if p.info.bootstrap == address and p.alive:
-                return p.info.agent_name
-        info, sock = handshake.handshake(address, self.config.shared_token, self._info, timeout_s)
-        self._add_peer(info)
-        self._server.watch(sock, info.agent_name)
-        return info.agent_name
-
     def _add_peer(self, info: PeerInfo) -> None:
         name = self.agent.add_remote_agent(info.agent_metadata)
         name = name.decode() if isinstance(name, bytes) else name
@@ -227,65 +146,28 @@ class NixlTransceiver(KVTransceiver):
         except Exception as e:
             log.debug("make_connection to %s: %s", info.agent_name, e)
 
+
     def _check_new(self, request_id: str, block_ids: list[int]) -> None:
-        if request_id in self._reqs:
-            raise ValueError(f"request {request_id} is already being transferred")
+        super()._check_new(request_id, block_ids)
         if not block_ids:
             raise ValueError(f"request {request_id}: no blocks to transfer")
         nb = self.kv.layout.num_blocks
         if min(block_ids) < 0 or max(block_ids) >= nb:
             raise ValueError(f"request {request_id}: block ids must be in 0..{nb - 1}")
 
-    # ----------------------------------------------------------------- decode side
-    def receive(self, request_id: str, peer: str, block_ids: list[int]) -> None:
-        # 1) the caller reserved block_ids; 2) tell the peer where to put the KV
-        self._check_new(request_id, block_ids)
-        req = _Req(request_id, Role.RECEIVER, list(block_ids), peer=peer)
-        self._reqs[request_id] = req
-        p = self._peers.get(peer)
-        if p is None or not p.alive:
-            self._end(req, FailureCause.PEER_DEAD, f"peer {peer} is not connected")
-            return
-        self._notify(peer, ReceiveRequest(request_id=request_id, block_ids=req.block_ids))
-
-    # ----------------------------------------------------------------- prefill side
-    def send(self, request_id: str, block_ids: list[int]) -> None:
-        self._check_new(request_id, block_ids)
-        req = _Req(request_id, Role.SENDER, list(block_ids), started=time.monotonic())
-        self._reqs[request_id] = req
-        self._active.add(request_id)
-        if request_id in self._tombstones:  # the receiver gave up before the KV was ready
-            self._tombstones.pop(request_id)
-            self._finish(req, FailureCause.ABORTED, "the receiver aborted before the KV was ready")
-            return
-        if request_id in self._asked:
-            self._start_send(req, *self._asked.pop(request_id))
-
-    def _start_send(self, req: _Req, peer: str, dst: list[int]) -> None:
-        req.peer, req.peer_block_ids = peer, dst
-        if len(dst) != len(req.block_ids):
-            self._end(req, FailureCause.BACKEND, f"receiver reserved {len(dst)} blocks, sender has {len(req.block_ids)}")
-            return
-        if peer not in self._peers or not self._peers[peer].alive:
-            self._end(req, FailureCause.PEER_DEAD, f"peer {peer} is gone")
-            return
-        if self.config.verify_checksums:
-            req.checksums = self._checksums(req.block_ids, dst)
-        if self.mode is TransferMode.PUSH:
-            self._notify(peer, WriteStarted(request_id=req.request_id), nudge=False)
-            done = WriteDone(request_id=req.request_id, checksums=req.checksums, block_ids=req.block_ids if req.checksums else [])
-            try:
-                req.xfer = self._post("WRITE", req.block_ids, peer, dst, encode(done), req)
-            except TransferError as e:
-                self._end(req, e.cause, str(e))
-                return
-            # wake the receiver once the write is posted (with cma the bytes are already
-            # there): its poll() takes both messages, and our WRITE completes with it
-            self._server.nudge(peer)
-        else:
-            self._notify(peer, BlocksReady(request_id=req.request_id, block_ids=req.block_ids, checksums=req.checksums))
-
     # ----------------------------------------------------------------- transfers
+    def _start_write(self, req: _Req, peer: str, dst: list[int]) -> None:
+        self._notify(peer, WriteStarted(request_id=req.request_id), nudge=False)
+        done = WriteDone(request_id=req.request_id, checksums=req.checksums, block_ids=req.block_ids if req.checksums else [])
+        try:
+            req.xfer = self._post("WRITE", req.block_ids, peer, dst, encode(done), req)
+        except TransferError as e:
+            self._end(req, e.cause, str(e))
+            return
+        # wake the receiver once the write is posted (with cma the bytes are already
+        # there): its poll() takes both messages, and our WRITE completes with it
+        self._server.nudge(peer)
+
     def _post(self, op: str, local_ids: list[int], peer: str, remote_ids: list[int], notif: bytes, req: _Req) -> Any:
         p = self._peers[peer]
         lay = self.kv.layout
@@ -314,23 +196,6 @@ class NixlTransceiver(KVTransceiver):
         except Exception:
             return False
 
-    def _checksums(self, local: list[int], remote: list[int]) -> list[int]:
-        """crc32 per run (consecutive on both sides), over the run's span in every layer."""
-        lay = self.kv.layout
-        out = []
-        for s, _, n in runs(local, remote):
-            crc = 0
-            for layer in range(lay.num_layers):
-                off = lay.offset(layer, s)
-                crc = zlib.crc32(self._span(off, n * lay.block_bytes), crc)
-            out.append(crc)
-        return out
-
-    def _span(self, off: int, n: int) -> memoryview | bytes:
-        if self._bytes_np is not None:
-            return memoryview(self._bytes_np[off : off + n])
-        return self.kv.as_bytes()[off : off + n].cpu().numpy().tobytes()  # CUDA: checksum on host
-
     def _notify(self, peer: str, msg: Msg, nudge: bool = True) -> None:
         try:
             self.agent.send_notif(peer, encode(msg))
@@ -338,13 +203,6 @@ class NixlTransceiver(KVTransceiver):
             log.warning("notification to %s failed: %s", peer, e)
         if nudge:
             self._server.nudge(peer)
-
-    # ----------------------------------------------------------------- abort
-    def abort(self, request_id: str) -> None:
-        req = self._reqs.get(request_id)
-        if req is None:
-            return
-        self._end(req, FailureCause.ABORTED, "aborted by the caller")
 
     # ----------------------------------------------------------------- poll
     def poll(self) -> list[TransferEvent]:
@@ -387,178 +245,34 @@ class NixlTransceiver(KVTransceiver):
             record(self.backend_name, ev)
         return out
 
-    def _progress(self, req: _Req, now: float) -> None:
-        if req.xfer is not None:
-            try:
-                state = self.agent.check_xfer_state(req.xfer)
-            except Exception:  # NIXL raises for some failures instead of answering ERR
-                state = "ERR"
-            if state == "DONE":
-                self._release(req.xfer)
-                req.xfer = None
-                self._log_transports(req.peer, initiator=True)
-                if req.ending is None:
-                    self._xfer_done(req)
-                    return
-            elif state == "ERR":
-                self._release(req.xfer)
-                req.xfer = None
-                if req.ending is None:
-                    self._end(req, FailureCause.BACKEND, "NIXL reported a transfer error")
-                    return
-            elif req.ending is not None and self._release(req.xfer):  # PROC, ending: cancel it
-                req.xfer = None
-        if req.ending is not None:
-            if req.xfer is None and (not req.need_ack or now - req.ending_since > self.timeout_s):
-                self._finish(req, req.ending, req.ending_msg)
-            elif req.xfer is not None and now - req.ending_since > self.timeout_s and self._broken is None:
-                # NIXL can neither finish nor cancel it: the blocks stay held (freeing them could
-                # let the op write into reused blocks) and health reports the transceiver broken
-                self._broken = f"NIXL cannot cancel the transfer of {req.request_id}; its blocks stay held"
-                log.error("kv transceiver broken: %s", self._broken)
-            return
-        if req.started is not None and now - req.started > self.timeout_s:
-            self._end(req, FailureCause.TIMEOUT, f"not done {self.config.kv_transfer_timeout_ms} ms after the transfer started")
+    def _xfer_state(self, handle: Any) -> str:
+        try:
+            return self.agent.check_xfer_state(handle)
+        except Exception:  # NIXL raises for some failures instead of answering ERR
+            return "ERR"
 
-    def _xfer_done(self, req: _Req) -> None:
-        if req.role is Role.SENDER:  # push: the WRITE and its notification are delivered
-            self._finish(req)
-            return
-        # pull: our READ completed: check, then let the sender free its blocks
-        assert req.peer is not None
-        self._notify(req.peer, ReadDone(request_id=req.request_id))
-        self._verify_and_finish(req, req.checksums, req.peer_block_ids)
+    def _xfer_completed(self, req: _Req) -> None:
+        self._release(req.xfer)
+        req.xfer = None
+        self._log_transports(req.peer, initiator=True)
 
-    def _verify_and_finish(self, req: _Req, checksums: list[int], src_ids: list[int]) -> None:
-        if checksums:
-            mine = self._checksums(req.block_ids, src_ids)
-            if mine != checksums:
-                bad = [i for i, (a, b) in enumerate(zip(mine, checksums, strict=False)) if a != b]
-                self._finish(req, FailureCause.CHECKSUM, f"checksum mismatch in run(s) {bad} of {len(checksums)}")
-                return
-        self._finish(req)
+    def _xfer_failed(self, req: _Req) -> None:
+        self._release(req.xfer)
+        req.xfer = None
+        if req.ending is None:
+            self._end(req, FailureCause.BACKEND, "NIXL reported a transfer error")
 
-    def _on_msg(self, sender: str, msg: Any) -> None:
-        rid = getattr(msg, "request_id", None)
-        req = self._reqs.get(rid) if rid is not None else None
-        if isinstance(msg, ReceiveRequest):  # prefill: a receiver asks
-            if req is not None and req.role is Role.SENDER and req.peer is None:
-                self._start_send(req, sender, list(msg.block_ids))
-            elif msg.request_id in self._tombstones:  # we already gave up on it: say so
-                self._notify(sender, Abort(request_id=msg.request_id, cause=self._tombstones[msg.request_id].value))
-            else:
-                self._asked[msg.request_id] = (sender, list(msg.block_ids))
-        elif isinstance(msg, WriteStarted):
-            if req is not None and req.started is None:
-                req.started = time.monotonic()
-                self._active.add(req.request_id)
-        elif isinstance(msg, WriteDone):
-            if req is not None and req.role is Role.RECEIVER:
-                req.num_bytes = self.kv.layout.num_layers * len(req.block_ids) * self.kv.layout.block_bytes
-                if req.ending is not None:  # the data landed after we began ending: blocks are safe now
-                    req.need_ack = False
-                else:
-                    # checksums are per joint run; joint runs are the same seen from either side
-                    self._verify_and_finish(req, list(msg.checksums), list(msg.block_ids))
-        elif isinstance(msg, BlocksReady):  # decode, pull: read them now
-            if req is None or req.role is not Role.RECEIVER or req.ending is not None:
-                self._notify(sender, Abort(request_id=msg.request_id, cause=FailureCause.ABORTED.value))
-                return
-            req.started = time.monotonic()
-            self._active.add(req.request_id)
-            req.peer_block_ids, req.checksums = list(msg.block_ids), list(msg.checksums)
-            if len(req.peer_block_ids) != len(req.block_ids):
-                self._end(req, FailureCause.BACKEND, f"sender offers {len(req.peer_block_ids)} blocks, {len(req.block_ids)} reserved")
-                return
-            try:
-                req.xfer = self._post("READ", req.block_ids, sender, req.peer_block_ids, b"", req)
-            except TransferError as e:
-                self._end(req, e.cause, str(e))
-        elif isinstance(msg, ReadDone):
-            if req is not None and req.role is Role.SENDER:
-                if req.ending is not None:
-                    req.need_ack = False  # the reader is done with our blocks
-                else:
-                    req.num_bytes = self.kv.layout.num_layers * len(req.block_ids) * self.kv.layout.block_bytes
-                    self._finish(req)
-        elif isinstance(msg, Abort):
-            cause = FailureCause(msg.cause) if msg.cause in FailureCause._value2member_map_ else FailureCause.ABORTED
-            self._asked.pop(msg.request_id, None)
-            if req is None:
-                self._tombstones[msg.request_id] = FailureCause.ABORTED
-                self._notify(sender, AbortAck(request_id=msg.request_id))
-            elif req.ending is None:
-                req.ack_to = sender
-                self._end(req, cause, f"the peer ended the transfer ({cause.value})", tell_peer=False)
-            else:
-                req.need_ack = False
-                req.ack_to = sender
-        elif isinstance(msg, AbortAck):
-            if req is not None:
-                req.need_ack = False
+    def _ending_stuck(self, req: _Req, now: float) -> None:
+        if req.xfer is not None and now - req.ending_since > self.timeout_s and self._broken is None:
+            # NIXL can neither finish nor cancel it: the blocks stay held (freeing them could
+            # let the op write into reused blocks) and health reports the transceiver broken
+            self._broken = f"NIXL cannot cancel the transfer of {req.request_id}; its blocks stay held"
+            log.error("kv transceiver broken: %s", self._broken)
 
-    # ----------------------------------------------------------------- ending
-    def _end(self, req: _Req, cause: FailureCause, message: str, tell_peer: bool = True) -> None:
-        """Begin ending a request: cancel our op, tell the peer; the event follows once no
-        one can touch the blocks any more (see ``_progress``)."""
-        if req.ending is not None:
-            return
-        req.ending, req.ending_msg, req.ending_since = cause, message, time.monotonic()
-        self._active.add(req.request_id)
-        peer_may_touch = req.peer is not None and (
-            (req.role is Role.RECEIVER and self.mode is TransferMode.PUSH)
-            or (req.role is Role.SENDER and self.mode is TransferMode.PULL and req.peer_block_ids)
-        )
-        peer = self._peers.get(req.peer) if req.peer is not None else None
-        if tell_peer and peer is not None and peer.alive:
-            self._notify(peer.info.agent_name, Abort(request_id=req.request_id, cause=cause.value))
-            req.need_ack = bool(peer_may_touch)
-        if req.xfer is not None and self._release(req.xfer):
-            req.xfer = None
-        if req.xfer is None and not req.need_ack:
-            self._finish(req, cause, message)
+    def _finished_ok(self, req: _Req) -> None:
+        self._log_transports(req.peer)
 
-    def _finish(self, req: _Req, cause: FailureCause | None = None, message: str = "") -> None:
-        if self._reqs.pop(req.request_id, None) is None:
-            return
-        self._active.discard(req.request_id)
-        if req.ack_to is not None:
-            self._notify(req.ack_to, AbortAck(request_id=req.request_id))
-        if cause is not None:
-            self._tombstones[req.request_id] = cause
-            while len(self._tombstones) > 10000:
-                self._tombstones.popitem(last=False)
-        now = time.monotonic()
-        ev = TransferEvent(
-            request_id=req.request_id,
-            role=req.role,
-            status=TransferStatus.DONE if cause is None else TransferStatus.FAILED,
-            block_ids=tuple(req.block_ids),
-            cause=cause,
-            message=message,
-            num_bytes=req.num_bytes if cause is None else 0,
-            seconds=(now - req.started) if req.started is not None else 0.0,
-        )
-        if cause is None and req.peer is not None:
-            self._log_transports(req.peer)
-        if cause is not None:
-            log.warning("kv transfer %s (%s) failed: %s: %s", req.request_id, req.role.value, cause.value, message)
-        self._events.append(ev)
-
-    def _peer_lost(self, name: str) -> None:
-        p = self._peers.get(name)
-        if p is None or not p.alive:
-            return
-        p.alive = False
-        log.warning("kv transfer peer %s (%s) is gone", name, p.info.bootstrap)
-        for rid, (peer, _) in list(self._asked.items()):
-            if peer == name:
-                del self._asked[rid]
-        for req in list(self._reqs.values()):
-            if req.peer == name:
-                req.need_ack = False
-                self._end(req, FailureCause.PEER_DEAD, f"peer {name} died", tell_peer=False)
-                req.need_ack = False
+    def _drop_peer(self, name: str, p: _Peer) -> None:
         try:
             if p.dlist is not None:
                 p.dlist.release()
@@ -651,14 +365,6 @@ class NixlTransceiver(KVTransceiver):
             cap = _OWN_OP_CAP
         return cap
 
-    @property
-    def num_pending(self) -> int:
-        return len(self._reqs)
-
-    @property
-    def broken_reason(self) -> str | None:
-        return self._broken
-
     def close(self) -> None:
         if getattr(self, "_closed", False):
             return
@@ -700,4 +406,3 @@ def _block_descs(base: int, num_layers: int, num_blocks: int, block_bytes: int, 
     arr[:, 1] = block_bytes
     arr[:, 2] = device_id
     return arr
-

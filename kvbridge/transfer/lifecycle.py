@@ -1,0 +1,441 @@
+"""The transport-independent part of the one-sided transceivers (nixl.py, ucx.py).
+
+A request's life: decode ``receive()``s (reserves blocks, sends ``ReceiveRequest``),
+prefill ``send()``s once its KV is ready; then one side runs the one-sided operation
+(push: the sender WRITEs, then ``WriteDone``; pull: ``BlocksReady``, the receiver READs,
+then ``ReadDone``). Ending early (abort, timeout, peer loss, errors) tells the peer and
+waits for its ``AbortAck`` while the peer may still touch our blocks; tombstones answer
+late messages for requests already gone.
+
+``LifecycleTransceiver`` holds this bookkeeping and message state machine; a backend
+implements the transport hooks: ``_post`` (start a WRITE/READ), ``_notify`` (send a
+control message), ``_xfer_state``/``_release`` (check/cancel an operation of ours),
+``_xfer_completed``/``_xfer_failed`` (what a finished operation means to the transport),
+plus ``poll``, ``wait``, ``close`` and the peer set-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvbridge.config import TransferMode
+from kvbridge.transfer import handshake
+from kvbridge.transfer.base import (
+    PROTOCOL_VERSION,
+    Abort,
+    AbortAck,
+    BlocksReady,
+    FailureCause,
+    KVTransceiver,
+    Msg,
+    PeerInfo,
+    ReadDone,
+    ReceiveRequest,
+    Role,
+    TransferError,
+    TransferEvent,
+    TransferStatus,
+    WriteDone,
+    WriteStarted,
+)
+
+LAYOUT = "layer_block"
+
+
+def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """Runs consecutive on both sides: [(src_first, dst_first, length), ...]."""
+    out: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst, strict=True):
+        if out and out[-1][0] + out[-1][2] == s and out[-1][1] + out[-1][2] == d:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((s, d, 1))
+    return out
+
+
+@dataclass
+class _Req:
+    request_id: str
+    role: Role
+    block_ids: list[int]
+    peer: str | None = None  # agent name
+    peer_block_ids: list[int] = field(default_factory=list)
+    started: float | None = None  # when the transfer started (timeout clock)
+    xfer: Any = None  # in-flight operation handle (ours)
+    notif: bytes = b""  # push (UCX): WriteDone, sent once the PUT is complete at the peer
+    checksums: list[int] = field(default_factory=list)
+    ending: FailureCause | None = None  # terminating with this cause
+    ending_msg: str = ""
+    ending_since: float = 0.0
+    need_ack: bool = False  # waiting for the peer's AbortAck before the blocks are safe
+    ack_to: str | None = None  # the peer that aborted: answer AbortAck once we are safe
+    num_bytes: int = 0
+
+
+class LifecycleTransceiver(KVTransceiver):
+    """Request bookkeeping and the message state machine shared by the backends."""
+
+    _log = logging.getLogger("kvbridge.transfer.lifecycle")  # each backend sets its own
+    _check_sender = False  # ignore messages about a request from a peer other than its own
+
+    def _init_lifecycle(self) -> None:
+        self.mode = self.config.mode
+        self.timeout_s = self.config.kv_transfer_timeout_ms / 1000.0
+        self.last_transports: str | None = None
+        self._peers: dict[str, Any] = {}
+        self._reqs: dict[str, _Req] = {}
+        self._active: set[str] = set()  # requests a poll must look at (timer running, op in flight, ending)
+        self._asked: dict[str, tuple[str, list[int]]] = {}  # rid → (peer, dst ids) before send()
+        self._tombstones: OrderedDict[str, FailureCause] = OrderedDict()  # rids ended early, for late messages
+        self._events: list[TransferEvent] = []
+        self._accepted: list[PeerInfo] = []  # from the bootstrap thread (list.append is atomic)
+        self._lost: list[str] = []
+        self._broken: str | None = None
+        self._bytes_np = self.kv.as_bytes().numpy() if not self.kv.is_cuda else None
+
+    def _make_info(self, model_id: str, backend: str, agent_metadata: bytes) -> PeerInfo:
+        lay = self.kv.layout
+        return PeerInfo(
+            protocol_version=PROTOCOL_VERSION,
+            backend=backend,
+            agent_name=self.agent_name,
+            agent_metadata=agent_metadata,
+            region_bases=[self.kv.base_address],
+            mem_type=self.mem_type,
+            device_id=self.device_id,
+            num_blocks=lay.num_blocks,
+            block_bytes=lay.block_bytes,
+            layout=LAYOUT,
+            fingerprint=lay.fingerprint(model_id),
+            fingerprint_fields={k: str(v) for k, v in lay.fingerprint_fields(model_id).items()},
+            bootstrap="",
+        )
+
+    # ----------------------------------------------------------------- transport hooks
+    def _add_peer(self, info: PeerInfo) -> None:
+        raise NotImplementedError
+
+    def _post(self, op: str, local_ids: list[int], peer: str, remote_ids: list[int], notif: bytes, req: _Req) -> Any:
+        """Post our one-sided ``op`` ("WRITE"/"READ"); the handle, or raise TransferError."""
+        raise NotImplementedError
+
+    def _notify(self, peer: str, msg: Msg) -> None:
+        raise NotImplementedError
+
+    def _release(self, handle: Any) -> bool:
+        """Cancel/free an operation of ours: whether it is gone (its blocks are safe)."""
+        raise NotImplementedError
+
+    def _xfer_state(self, handle: Any) -> str:
+        """"PROC", "DONE" or "ERR"."""
+        raise NotImplementedError
+
+    def _xfer_completed(self, req: _Req) -> None:
+        """Our operation is DONE: drop the handle (``req.xfer = None``)."""
+        raise NotImplementedError
+
+    def _xfer_failed(self, req: _Req) -> None:
+        """Our operation is ERR: drop the handle; end the request unless it is ending."""
+        raise NotImplementedError
+
+    def _start_write(self, req: _Req, peer: str, dst: list[int]) -> None:
+        """Push: announce and post the WRITE of ``req`` into ``dst`` on ``peer``."""
+        raise NotImplementedError
+
+    def _write_complete(self, req: _Req) -> None:
+        """Push, sender: our WRITE completed (before the DONE event)."""
+
+    def _peer_usable(self, p: Any) -> bool:
+        return bool(p.alive)
+
+    def _peer_transferred(self, peer: str) -> None:
+        """The peer reported its one-sided operation with us done (WriteDone/ReadDone)."""
+
+    def _finished_ok(self, req: _Req) -> None:
+        """A request with a peer ended DONE (before its event is queued)."""
+
+    def _ending_stuck(self, req: _Req, now: float) -> None:
+        """An ending request still waits for its operation or the peer's AbortAck."""
+
+    def _drop_peer(self, name: str, p: Any) -> None:
+        """The peer is gone and its requests are ending: free what the transport holds."""
+
+    # ----------------------------------------------------------------- connection
+    @property
+    def bootstrap_address(self) -> str:
+        return self._server.address
+
+    @property
+    def refusals(self) -> list[tuple[str, str]]:
+        """Handshakes this side's endpoint refused: (field, reason)."""
+        return list(self._server.refusals)
+
+    def connect(self, address: str, timeout_s: float = 10.0) -> str:
+        for p in self._peers.values():
+            if p.info.bootstrap == address and p.alive:
+                return p.info.agent_name
+        info, sock = handshake.handshake(address, self.config.shared_token, self._info, timeout_s)
+        try:
+            self._add_peer(info)
+        except Exception:
+            sock.close()
+            raise
+        self._server.watch(sock, info.agent_name)
+        return info.agent_name
+
+    def _check_new(self, request_id: str, block_ids: list[int]) -> None:
+        if request_id in self._reqs:
+            raise ValueError(f"request {request_id} is already being transferred")
+
+    # ----------------------------------------------------------------- decode side
+    def receive(self, request_id: str, peer: str, block_ids: list[int]) -> None:
+        # 1) the caller reserved block_ids; 2) tell the peer where to put the KV
+        self._check_new(request_id, block_ids)
+        req = _Req(request_id, Role.RECEIVER, list(block_ids), peer=peer)
+        self._reqs[request_id] = req
+        p = self._peers.get(peer)
+        if p is None or not p.alive:
+            self._end(req, FailureCause.PEER_DEAD, f"peer {peer} is not connected")
+            return
+        self._notify(peer, ReceiveRequest(request_id=request_id, block_ids=req.block_ids))
+
+    # ----------------------------------------------------------------- prefill side
+    def send(self, request_id: str, block_ids: list[int]) -> None:
+        self._check_new(request_id, block_ids)
+        req = _Req(request_id, Role.SENDER, list(block_ids), started=time.monotonic())
+        self._reqs[request_id] = req
+        self._active.add(request_id)
+        if request_id in self._tombstones:  # the receiver gave up before the KV was ready
+            self._tombstones.pop(request_id)
+            self._finish(req, FailureCause.ABORTED, "the receiver aborted before the KV was ready")
+            return
+        if request_id in self._asked:
+            self._start_send(req, *self._asked.pop(request_id))
+
+    def _start_send(self, req: _Req, peer: str, dst: list[int]) -> None:
+        req.peer, req.peer_block_ids = peer, dst
+        if len(dst) != len(req.block_ids):
+            self._end(req, FailureCause.BACKEND, f"receiver reserved {len(dst)} blocks, sender has {len(req.block_ids)}")
+            return
+        p = self._peers.get(peer)
+        if p is None or not self._peer_usable(p):
+            self._end(req, FailureCause.PEER_DEAD, f"peer {peer} is gone")
+            return
+        if self.config.verify_checksums:
+            req.checksums = self._checksums(req.block_ids, dst)
+        if self.mode is TransferMode.PUSH:
+            self._start_write(req, peer, dst)
+        else:
+            self._notify(peer, BlocksReady(request_id=req.request_id, block_ids=req.block_ids, checksums=req.checksums))
+
+    # ----------------------------------------------------------------- checksums
+    def _checksums(self, local: list[int], remote: list[int]) -> list[int]:
+        """crc32 per run (consecutive on both sides), over the run's span in every layer."""
+        lay = self.kv.layout
+        out = []
+        for s, _, n in runs(local, remote):
+            crc = 0
+            for layer in range(lay.num_layers):
+                off = lay.offset(layer, s)
+                crc = zlib.crc32(self._span(off, n * lay.block_bytes), crc)
+            out.append(crc)
+        return out
+
+    def _span(self, off: int, n: int) -> memoryview | bytes:
+        if self._bytes_np is not None:
+            return memoryview(self._bytes_np[off : off + n])
+        return self.kv.as_bytes()[off : off + n].cpu().numpy().tobytes()  # CUDA: checksum on host
+
+    def _verify_and_finish(self, req: _Req, checksums: list[int], src_ids: list[int]) -> None:
+        if checksums:
+            mine = self._checksums(req.block_ids, src_ids)
+            if mine != checksums:
+                bad = [i for i, (a, b) in enumerate(zip(mine, checksums, strict=False)) if a != b]
+                self._finish(req, FailureCause.CHECKSUM, f"checksum mismatch in run(s) {bad} of {len(checksums)}")
+                return
+        self._finish(req)
+
+    # ----------------------------------------------------------------- abort
+    def abort(self, request_id: str) -> None:
+        req = self._reqs.get(request_id)
+        if req is None:
+            return
+        self._end(req, FailureCause.ABORTED, "aborted by the caller")
+
+    # ----------------------------------------------------------------- progress
+    def _progress(self, req: _Req, now: float) -> None:
+        if req.xfer is not None:
+            state = self._xfer_state(req.xfer)
+            if state == "DONE":
+                self._xfer_completed(req)
+                if req.ending is None:
+                    self._xfer_done(req)
+                    return
+            elif state == "ERR":
+                live = req.ending is None
+                self._xfer_failed(req)
+                if live:
+                    return
+            elif req.ending is not None and self._release(req.xfer):  # PROC, ending: cancel it
+                req.xfer = None
+        if req.ending is not None:
+            if req.xfer is None and (not req.need_ack or now - req.ending_since > self.timeout_s):
+                self._finish(req, req.ending, req.ending_msg)
+            else:
+                self._ending_stuck(req, now)
+            return
+        if req.started is not None and now - req.started > self.timeout_s:
+            self._end(req, FailureCause.TIMEOUT, f"not done {self.config.kv_transfer_timeout_ms} ms after the transfer started")
+
+    def _xfer_done(self, req: _Req) -> None:
+        if req.role is Role.SENDER:  # push: the WRITE is complete at the peer
+            self._write_complete(req)
+            self._finish(req)
+            return
+        # pull: our READ completed: check, then let the sender free its blocks
+        assert req.peer is not None
+        self._notify(req.peer, ReadDone(request_id=req.request_id))
+        self._verify_and_finish(req, req.checksums, req.peer_block_ids)
+
+    # ----------------------------------------------------------------- messages
+    def _on_msg(self, sender: str, msg: Any) -> None:
+        rid = getattr(msg, "request_id", None)
+        req = self._reqs.get(rid) if rid is not None else None
+        if self._check_sender and req is not None and req.peer is not None and req.peer != sender:
+            self._log.warning("ignored %s for %s from %s (its peer is %s)", type(msg).__name__, rid, sender, req.peer)
+            return
+        if isinstance(msg, ReceiveRequest):  # prefill: a receiver asks
+            if req is not None and req.role is Role.SENDER and req.peer is None:
+                self._start_send(req, sender, list(msg.block_ids))
+            elif msg.request_id in self._tombstones:  # we already gave up on it: say so
+                self._notify(sender, Abort(request_id=msg.request_id, cause=self._tombstones[msg.request_id].value))
+            else:
+                self._asked[msg.request_id] = (sender, list(msg.block_ids))
+        elif isinstance(msg, WriteStarted):
+            if req is not None and req.started is None:
+                req.started = time.monotonic()
+                self._active.add(req.request_id)
+        elif isinstance(msg, WriteDone):
+            if req is not None and req.role is Role.RECEIVER:
+                req.num_bytes = self.kv.layout.num_layers * len(req.block_ids) * self.kv.layout.block_bytes
+                self._peer_transferred(sender)
+                if req.ending is not None:  # the data landed after we began ending: blocks are safe now
+                    req.need_ack = False
+                else:
+                    # checksums are per joint run; joint runs are the same seen from either side
+                    self._verify_and_finish(req, list(msg.checksums), list(msg.block_ids))
+        elif isinstance(msg, BlocksReady):  # decode, pull: read them now
+            if req is None or req.role is not Role.RECEIVER or req.ending is not None:
+                self._notify(sender, Abort(request_id=msg.request_id, cause=FailureCause.ABORTED.value))
+                return
+            req.started = time.monotonic()
+            self._active.add(req.request_id)
+            req.peer_block_ids, req.checksums = list(msg.block_ids), list(msg.checksums)
+            if len(req.peer_block_ids) != len(req.block_ids):
+                self._end(req, FailureCause.BACKEND, f"sender offers {len(req.peer_block_ids)} blocks, {len(req.block_ids)} reserved")
+                return
+            try:
+                req.xfer = self._post("READ", req.block_ids, sender, req.peer_block_ids, b"", req)
+            except TransferError as e:
+                self._end(req, e.cause, str(e))
+        elif isinstance(msg, ReadDone):
+            if req is not None and req.role is Role.SENDER:
+                self._peer_transferred(sender)
+                if req.ending is not None:
+                    req.need_ack = False  # the reader is done with our blocks
+                else:
+                    req.num_bytes = self.kv.layout.num_layers * len(req.block_ids) * self.kv.layout.block_bytes
+                    self._finish(req)
+        elif isinstance(msg, Abort):
+            cause = FailureCause(msg.cause) if msg.cause in FailureCause._value2member_map_ else FailureCause.ABORTED
+            self._asked.pop(msg.request_id, None)
+            if req is None:
+                self._tombstones[msg.request_id] = FailureCause.ABORTED
+                self._notify(sender, AbortAck(request_id=msg.request_id))
+            elif req.ending is None:
+                req.ack_to = sender
+                self._end(req, cause, f"the peer ended the transfer ({cause.value})", tell_peer=False)
+            else:
+                req.need_ack = False
+                req.ack_to = sender
+        elif isinstance(msg, AbortAck):
+            if req is not None:
+                req.need_ack = False
+
+    # ----------------------------------------------------------------- ending
+    def _end(self, req: _Req, cause: FailureCause, message: str, tell_peer: bool = True) -> None:
+        """Begin ending a request: cancel our op, tell the peer; the event follows once no
+        one can touch the blocks any more (see ``_progress``)."""
+        if req.ending is not None:
+            return
+        req.ending, req.ending_msg, req.ending_since = cause, message, time.monotonic()
+        self._active.add(req.request_id)
+        peer_may_touch = req.peer is not None and (
+            (req.role is Role.RECEIVER and self.mode is TransferMode.PUSH)
+            or (req.role is Role.SENDER and self.mode is TransferMode.PULL and bool(req.peer_block_ids))
+        )
+        p = self._peers.get(req.peer) if req.peer is not None else None
+        if tell_peer and p is not None and p.alive:
+            self._notify(p.info.agent_name, Abort(request_id=req.request_id, cause=cause.value))
+            req.need_ack = bool(peer_may_touch)
+        if req.xfer is not None and self._release(req.xfer):
+            req.xfer = None
+        if req.xfer is None and not req.need_ack:
+            self._finish(req, cause, message)
+
+    def _finish(self, req: _Req, cause: FailureCause | None = None, message: str = "") -> None:
+        if self._reqs.pop(req.request_id, None) is None:
+            return
+        self._active.discard(req.request_id)
+        if req.ack_to is not None:
+            self._notify(req.ack_to, AbortAck(request_id=req.request_id))
+        if cause is not None:
+            self._tombstones[req.request_id] = cause
+            while len(self._tombstones) > 10000:
+                self._tombstones.popitem(last=False)
+        now = time.monotonic()
+        ev = TransferEvent(
+            request_id=req.request_id,
+            role=req.role,
+            status=TransferStatus.DONE if cause is None else TransferStatus.FAILED,
+            block_ids=tuple(req.block_ids),
+            cause=cause,
+            message=message,
+            num_bytes=req.num_bytes if cause is None else 0,
+            seconds=(now - req.started) if req.started is not None else 0.0,
+        )
+        if cause is None and req.peer is not None:
+            self._finished_ok(req)
+        if cause is not None:
+            self._log.warning("kv transfer %s (%s) failed: %s: %s", req.request_id, req.role.value, cause.value, message)
+        self._events.append(ev)
+
+    def _peer_lost(self, name: str) -> None:
+        p = self._peers.get(name)
+        if p is None or not p.alive:
+            return
+        p.alive = False
+        self._log.warning("kv transfer peer %s (%s) is gone", name, p.info.bootstrap)
+        for rid, (peer, _) in list(self._asked.items()):
+            if peer == name:
+                del self._asked[rid]
+        for req in list(self._reqs.values()):
+            if req.peer == name:
+                req.need_ack = False
+                self._end(req, FailureCause.PEER_DEAD, f"peer {name} died", tell_peer=False)
+                req.need_ack = False
+        self._drop_peer(name, p)
+
+    # ----------------------------------------------------------------- state
+    @property
+    def num_pending(self) -> int:
+        return len(self._reqs)
+
+    @property
+    def broken_reason(self) -> str | None:
+        return self._broken
