@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvbridge.async_engine")
 
 
+# With no step to run but transfers in flight, the engine thread sleeps in the transceiver's
+# own wait (woken by peer messages) this long at most before it looks at its inbox again.
+IDLE_TRANSFER_WAIT_S = 0.005
+
+
 class EngineDeadError(RuntimeError):
     """The engine thread failed or was shut down; no request can be served."""
 
@@ -200,15 +205,18 @@ class AsyncEngine:
         has_work = False
         try:
             while True:
+                transfers_only = False
                 with self._cv:
                     while not self._inbox and not has_work and not self._stopping:
                         if self.connector is not None and self.connector.busy:
-                            self._cv.wait(0.001)  # transfers in flight: poll them every ms
+                            transfers_only = True  # nothing to compute, transfers in flight
                             break
                         self._cv.wait()
                     if self._stopping:
                         break
                     commands, self._inbox = self._inbox, []
+                if transfers_only and not commands:
+                    self.connector.wait(IDLE_TRANSFER_WAIT_S)  # sleeps until a peer nudges us
                 self._apply(commands)  # between steps
                 if self.connector is not None:
                     self.connector.poll()

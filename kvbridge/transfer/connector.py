@@ -132,6 +132,11 @@ class KVConnector:
         for ev in self.transceiver.poll():
             self._on_event(ev)
 
+    def wait(self, timeout_s: float) -> None:
+        """Nothing to compute: sleep in the transceiver until an event or ``timeout_s``."""
+        for ev in self.transceiver.wait(timeout_s):
+            self._on_event(ev)
+
     def _on_event(self, ev: TransferEvent) -> None:
         rid = ev.request_id
         if ev.role is Role.SENDER:
