@@ -115,7 +115,7 @@ class Tokenizer:
             return cls._from_hf(p)
         if not p.is_file():
             raise TokenizerError(f"tokenizer not found: {p} (give a .gguf file or a Hugging Face folder)")
-        from kvbridge.engine.weights import WeightsError, read_gguf
+        from kvbridge.engine.model_files import WeightsError, read_gguf
 
         try:
             md = read_gguf(p).metadata

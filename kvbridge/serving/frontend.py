@@ -17,11 +17,9 @@ Failures:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -55,14 +53,9 @@ TTFT_PARTS = ("queue", "prefill", "transfer", "first_decode")
 
 def model_context_length(model: str) -> int:
     """The model's context length, read from its metadata (no weights loaded)."""
-    from kvbridge.engine import weights
+    from kvbridge.engine.model_files import read_spec
 
-    p = Path(model)
-    if p.is_dir():
-        spec = weights._hf_spec(p, json.loads((p / "config.json").read_text()))
-    else:
-        spec = weights._gguf_spec(weights.read_gguf(p))
-    return int(spec.max_position_embeddings)
+    return int(read_spec(model).max_position_embeddings)
 
 
 @dataclass
