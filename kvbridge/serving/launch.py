@@ -234,13 +234,19 @@ class WorkerProcess:
         log.info("%s stopped (pid %d, exit code %s)", self.worker_id, proc.pid, proc.returncode)
 
 
-def plan_cpus(num_prefill: int, num_decode: int, cores: list[int] | None = None) -> dict[str, list[int] | None]:
-    """Worker id → the cores it may use: prefill and decode workers never share a core (with
-    one core there is nothing to split: no pinning)."""
+def plan_cpus(
+    num_prefill: int, num_decode: int, cores: list[int] | None = None, prefill_on_all_cores: bool | None = False
+) -> dict[str, list[int] | None]:
+    """Worker id → the cores it may use (None: any). Prefill and decode workers never share a
+    core (with one core there is nothing to split: no pinning), unless ``prefill_on_all_cores``
+    (None: when there are fewer than 4 cores): then prefill workers may use any core and the
+    decode workers keep the last ones."""
     cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
     ids = [f"prefill-{i}" for i in range(num_prefill)] + [f"decode-{i}" for i in range(num_decode)]
     if len(cores) < 2 or not num_prefill:
         return dict.fromkeys(ids, None)
+    if prefill_on_all_cores is None:
+        prefill_on_all_cores = len(cores) < 4
     k = min(len(cores) - 1, max(1, round(len(cores) * num_prefill / (num_prefill + num_decode))))
     groups = {"prefill": cores[:k], "decode": cores[k:]}
     plan: dict[str, list[int] | None] = {}
@@ -248,7 +254,7 @@ def plan_cpus(num_prefill: int, num_decode: int, cores: list[int] | None = None)
         group = groups[role]
         for i in range(n):
             share = group[i::n] if n <= len(group) else [group[i % len(group)]]
-            plan[f"{role}-{i}"] = share
+            plan[f"{role}-{i}"] = None if role == "prefill" and prefill_on_all_cores else share
     return plan
 
 
@@ -288,15 +294,13 @@ def run_local_cluster(cfg: Config, sock: socket.socket, cfg_path: str, extra: li
         cfg = replace(cfg, cluster=replace(c, etcd=etcd, nats=nats))
         env = dict(os.environ)
         env.setdefault("UCX_NET_DEVICES", "lo")
-        plan = plan_cpus(c.num_prefill_workers, c.num_decode_workers)
+        plan = plan_cpus(c.num_prefill_workers, c.num_decode_workers, prefill_on_all_cores=c.prefill_on_all_cores)
         for wid, cpus in plan.items():
             role = wid.split("-")[0]
             w_extra = list(extra)
             threads = c.worker_threads or len(cpus or os.sched_getaffinity(0))
-            all_cores = c.prefill_on_all_cores if c.prefill_on_all_cores is not None else len(os.sched_getaffinity(0)) < 4
-            if role == "prefill" and all_cores:
-                cpus, threads = None, len(os.sched_getaffinity(0))
-                plan[wid] = None
+            if role == "prefill" and cpus is None:  # prefill on every core
+                threads = len(os.sched_getaffinity(0))
             if not cfg.engine.num_threads and "--num-threads" not in extra:  # not set by the user: per worker
                 w_extra += ["--num-threads", str(threads)]
             p = WorkerProcess(wid, worker_argv(cfg_path, role, wid, etcd, nats, cfg, cpus, w_extra), env, logs / f"{wid}.log")

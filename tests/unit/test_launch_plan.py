@@ -1,0 +1,21 @@
+"""Which cores the local cluster gives each worker."""
+
+from __future__ import annotations
+
+from kvbridge.serving.launch import plan_cpus
+
+
+def test_prefill_and_decode_get_disjoint_cores():
+    plan = plan_cpus(1, 1, cores=[0, 1, 2, 3], prefill_on_all_cores=False)
+    assert plan == {"prefill-0": [0, 1], "decode-0": [2, 3]}
+    assert not set(plan["prefill-0"]) & set(plan["decode-0"])
+
+
+def test_small_machines_let_prefill_use_every_core_by_default():
+    assert plan_cpus(1, 1, cores=[0, 1], prefill_on_all_cores=None) == {"prefill-0": None, "decode-0": [1]}
+    assert plan_cpus(1, 1, cores=[0, 1, 2, 3], prefill_on_all_cores=None) == {"prefill-0": [0, 1], "decode-0": [2, 3]}
+
+
+def test_one_core_or_no_prefill_means_no_pinning():
+    assert plan_cpus(1, 1, cores=[0]) == {"prefill-0": None, "decode-0": None}
+    assert plan_cpus(0, 2, cores=[0, 1]) == {"decode-0": None, "decode-1": None}
