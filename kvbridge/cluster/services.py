@@ -41,6 +41,19 @@ log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 
 
+
+def stop_process(proc: subprocess.Popen, name: str, timeout: float) -> None:
+    """Stop a child by its own pid: terminate, wait, kill if it outlives ``timeout``."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("%s (pid %d) did not stop in %.0f s: killing it", name, proc.pid, timeout)
+        proc.kill()
+        proc.wait(timeout)
+
 class ServiceError(RuntimeError):
     """A service binary is missing or a service did not come up (one-line message)."""
 
@@ -238,14 +251,7 @@ class _Service:
     def stop(self, timeout: float = 5.0) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    log.warning("%s (pid %d) did not stop in %.0f s: killing it", self.name, proc.pid, timeout)
-                    proc.kill()
-                    proc.wait(timeout)
+            stop_process(proc, self.name, timeout)
             log.info("%s stopped (pid %d)", self.name, proc.pid)
         if self._log_file is not None:
             self._log_file.close()

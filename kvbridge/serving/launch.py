@@ -33,6 +33,7 @@ from pathlib import Path
 import uvicorn
 
 from kvbridge.cluster.messages import WorkerRole
+from kvbridge.cluster.services import stop_process
 from kvbridge.config import Config
 
 log = logging.getLogger("kvbridge.launch")
@@ -223,14 +224,7 @@ class WorkerProcess:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) did not stop in %.0f s: killing it", self.worker_id, proc.pid, timeout)
-                proc.kill()
-                proc.wait(timeout)
+        stop_process(proc, self.worker_id, timeout)
         log.info("%s stopped (pid %d, exit code %s)", self.worker_id, proc.pid, proc.returncode)
 
 
