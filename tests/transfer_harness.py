@@ -285,3 +285,19 @@ def wait_both(a: Peer, na: int, b: Peer, nb: int, timeout: float = 10.0) -> tupl
     a.start("wait", na, timeout)
     b.start("wait", nb, timeout)
     return a.result("wait", timeout + 20), b.result("wait", timeout + 20)
+
+
+def assert_pools_full(*peers: Peer) -> None:
+    """Every block free and nothing pending on each peer (how every transfer test ends)."""
+    for p in peers:
+        free, total, pending = p.call("pool")
+        assert (free, pending) == (total, 0), f"peer {p.pid}: {free}/{total} blocks free, {pending} pending"
+
+
+def transfer(prefill: Peer, decode: Peer, name: str, rid: str, src: list[int], dst: list[int]):
+    """One request: both sides hold their blocks, decode receives, prefill sends; the events."""
+    prefill.call("hold", src)
+    decode.call("hold", dst)
+    decode.call("receive", rid, name, dst)
+    prefill.call("send", rid, src)
+    return wait_both(decode, 1, prefill, 1)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.transfer_harness import Peer, pair, wait_both
+from tests.transfer_harness import Peer, assert_pools_full, pair, transfer, wait_both
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")  # children inherit it: UCX on loopback only
 
@@ -33,20 +33,6 @@ def peers(request):
     request.addfinalizer(decode.stop)
     request.addfinalizer(prefill.stop)
     yield prefill, decode, name, mode
-
-
-def assert_pools_full(*peers: Peer) -> None:
-    for p in peers:
-        free, total, pending = p.call("pool")
-        assert (free, pending) == (total, 0), f"peer {p.pid}: {free}/{total} blocks free, {pending} pending"
-
-
-def transfer(prefill: Peer, decode: Peer, name: str, rid: str, src: list[int], dst: list[int]):
-    prefill.call("hold", src)
-    decode.call("hold", dst)
-    decode.call("receive", rid, name, dst)
-    prefill.call("send", rid, src)
-    return wait_both(decode, 1, prefill, 1)
 
 
 def cpu_seconds(pid: int) -> float:
