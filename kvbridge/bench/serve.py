@@ -188,8 +188,8 @@ def ttft_split(url: str) -> dict[str, tuple[float, int]]:
     except httpx.HTTPError:
         return {}
     out: dict[str, list[float]] = {}
-    for m in re.finditer(r'^(\w*ttft\w*_seconds)_(sum|count)\{[^}]*(?:component|phase|part)="(\w+)"[^}]*\}\s+(\S+)', text, re.M):
-        _, kind, comp, value = m.groups()
+    for m in re.finditer(r'^kvbridge_ttft_part_seconds_(sum|count)\{part="(\w+)"\}\s+(\S+)', text, re.M):
+        kind, comp, value = m.groups()
         out.setdefault(comp, [0.0, 0.0])[0 if kind == "sum" else 1] = float(value)
     return {k: (v[0], int(v[1])) for k, v in out.items()}
 

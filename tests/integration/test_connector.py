@@ -79,8 +79,7 @@ def remote_generate(pair, rid, prompt, params=GREEDY) -> list[int]:
     (pe, pt, pc), (de, dt, dc) = pair
     assert dc.start_remote(rid, prompt, params, pt.bootstrap_address)
     pe.add_request(rid, prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), hold_kv=True)
-    first = drive(pair, lambda _: pe.num_held or not pe.has_unfinished_requests() and pc.busy)
-    del first
+    drive(pair, lambda _: pe.num_held or not pe.has_unfinished_requests() and pc.busy)
     # the prefill worker's answer: its sampled token travels with the HTTP reply in serving
     held = pe._held[rid]
     dc.first_token(rid, held.output_token_ids[0], None)
