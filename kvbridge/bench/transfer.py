@@ -5,10 +5,11 @@ Two spawned processes (prefill, decode) each own one KV region of ``--max-size``
 each size, after warm-up:
 
     transceiver   decode reserves and calls receive() for every request first (as at
-                  admission; not timed); then the prefill side times send() → DONE, one
+                  admission), and the prefill side takes them in (as its engine loop
+                  does while computing), not timed; then it times send() → DONE, one
                   request after the other (the part of a request's critical path the
                   transceiver owns), while the decode side collects its DONE events
-    bare NIXL     make_prepped_xfer + transfer + wait DONE, and the notification the
+    bare NIXL     make_prepped_xfer + transfer + busy-poll to DONE, and the notification the
                   transceiver also needs (push: WRITE with notif; pull: READ then notif),
                   on the same agents, registrations and prepared lists, same two processes
     memcpy        one thread, numpy copy of the same number of bytes, in this process
@@ -124,6 +125,14 @@ def _peer(conn: Any, role: str, num_blocks: int) -> None:
             elif cmd == "send_all":  # prefill: (prefix, nblocks, iters) → seconds per transfer, send() → DONE
                 prefix, nb, iters = args
                 ids = list(range(nb))
+                # first take in the receivers' requests (not timed), as a worker's engine
+                # loop does between steps while it computes the prefill
+                deadline = time.monotonic() + 10.0
+                while len(t._asked) < iters and time.monotonic() < deadline:
+                    t.poll()
+                    time.sleep(0)
+                if len(t._asked) < iters:
+                    raise RuntimeError(f"prefill: {len(t._asked)}/{iters} receive requests arrived")
                 t0 = time.perf_counter()
                 for i in range(iters):
                     t.send(f"{prefix}-{i}", ids)
@@ -142,11 +151,6 @@ def _peer(conn: Any, role: str, num_blocks: int) -> None:
             conn.send(("exc", f"{type(e).__name__}: {e}"))
 
 
-def _sleep_backoff(delay: float) -> float:
-    time.sleep(delay)
-    return min(delay * 2, 1e-3)
-
-
 def _bare_initiator(t: Any, op: str, nb: int, iters: int) -> float:
     import numpy as np
 
@@ -162,11 +166,8 @@ def _bare_initiator(t: Any, op: str, nb: int, iters: int) -> float:
         notif = f"bare-{i}".encode()
         h = agent.make_prepped_xfer(op, t._local_dlist, local_idx, remote.dlist, remote_idx, notif_msg=notif if op == "WRITE" else b"")
         state = agent.transfer(h)
-        delay = 20e-6
-        while state == "PROC":
+        while state == "PROC":  # busy poll: the best NIXL can do
             state = agent.check_xfer_state(h)
-            if state == "PROC":
-                delay = _sleep_backoff(delay)
         if state != "DONE":
             raise RuntimeError(f"bare {op} failed: {state}")
         h.release()
@@ -179,14 +180,8 @@ def _bare_target(t: Any, iters: int) -> float:
     agent = t.agent
     got = 0
     t0 = time.perf_counter()
-    delay = 20e-6
-    while got < iters:
-        n = sum(len(v) for v in agent.get_new_notifs().values())
-        if n:
-            got += n
-            delay = 20e-6
-        else:
-            delay = _sleep_backoff(delay)
+    while got < iters:  # busy poll: the best NIXL can do
+        got += sum(len(v) for v in agent.get_new_notifs().values())
         if time.perf_counter() - t0 > 300:
             raise RuntimeError("bare target timed out")
     return (time.perf_counter() - t0) / iters
@@ -238,7 +233,6 @@ def _trx(decode: _Proc, prefill: _Proc, prefix: str, nb: int, iters: int) -> flo
     """Seconds per transfer through the transceiver: decode asks for every request first
     (not timed), then the prefill side sends them one after the other, timing send() → DONE."""
     decode.call("receive_all", prefix, nb, iters)
-    time.sleep(0.05)  # let the requests land before the clock starts
     _, per = _both(decode, ("collect", iters), prefill, ("send_all", prefix, nb, iters))
     return per
 

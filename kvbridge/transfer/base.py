@@ -53,7 +53,7 @@ import enum
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import msgspec
 from prometheus_client import Counter, Histogram
@@ -219,7 +219,7 @@ class AbortAck(Msg):
     request_id: str
 
 
-AnyMsg = Union[Hello, Welcome, Refused, ReceiveRequest, WriteStarted, WriteDone, BlocksReady, ReadDone, Abort, AbortAck]
+AnyMsg = Hello | Welcome | Refused | ReceiveRequest | WriteStarted | WriteDone | BlocksReady | ReadDone | Abort | AbortAck
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AnyMsg)

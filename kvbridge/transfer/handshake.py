@@ -49,7 +49,7 @@ from kvbridge.transfer.base import (
 log = logging.getLogger("kvbridge.transfer.handshake")
 
 MAX_FRAME = 16 * 1024 * 1024
-NUDGE_EVERY_S = 1e-3  # must stay below the receiver's hot window (nixl.py _HOT_S)
+NUDGE_EVERY_S = 1e-3  # must stay below the receiver's hot window (lifecycle.py HOT_S)
 
 
 def compare(mine: PeerInfo, theirs: PeerInfo) -> tuple[str, str] | None:
@@ -144,7 +144,7 @@ class BootstrapServer:
         """Wake the peer's ``wait()``: one byte on the liveness connection, after a message,
         so a waiting engine sleeps in ``select`` instead of polling. At most one per
         ``NUDGE_EVERY_S`` per peer: a woken peer keeps polling quickly for a while after
-        traffic (nixl.py ``_HOT_S``, longer than this), and a wake-up costs a context
+        traffic (lifecycle.py ``HOT_S``, longer than this), and a wake-up costs a context
         switch (~100-250 µs on a busy 2-core machine)."""
         sock = self._socks.get(peer_name)
         now = time.monotonic()

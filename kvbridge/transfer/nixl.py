@@ -39,7 +39,6 @@ from kvbridge.transfer.base import (
     Msg,
     PeerInfo,
     ProtocolError,
-    Role,
     TransferError,
     TransferEvent,
     WriteDone,
@@ -54,14 +53,12 @@ __all__ = ["LAYOUT", "NixlTransceiver", "runs"]
 
 log = logging.getLogger("kvbridge.transfer.nixl")
 
-_OWN_OP_CAP = 50e-6  # poll interval while our own op is in flight
-_SPIN_S = 200e-6  # after posting, re-poll without sleeping this long (sleeps are >= ~60 µs)
-_HOT_S = 2e-3  # after a message or event, poll every 50 µs this long before relying on nudges
 
 @dataclass
 class _Peer:
     info: PeerInfo
     dlist: Any = None  # prepared remote descriptor list
+    layer_first: Any = None  # index of each layer's block 0 in ``dlist`` (int32 array)
     alive: bool = True
     transports_logged: bool = False
     transports_since: float | None = None  # first completed transfer (then the log line is due)
@@ -109,13 +106,12 @@ class NixlTransceiver(LifecycleTransceiver):
         self.mem_type = "VRAM" if kv.is_cuda else "DRAM"
         self.device_id = (kv.device.index or 0) if kv.is_cuda else 0
         self._reg = self.agent.register_memory([(kv.base_address, lay.total_bytes, self.device_id, "")], self.mem_type)
+        self._layer_first = np.arange(lay.num_layers, dtype=np.int32) * np.int32(lay.num_blocks)
         self._local_dlist = self.agent.prep_xfer_dlist(
             "", _block_descs(kv.base_address, lay.num_layers, lay.num_blocks, lay.block_bytes, self.device_id), self.mem_type
         )
         self._info = self._make_info(model_id, f"nixl/{self.nixl_backend}", self.agent.get_agent_metadata())
         self._wake = threading.Event()
-        self._own_op_since = 0.0  # when we last posted a one-sided op (wait() spins briefly after)
-        self._last_activity = 0.0  # last message or event (wait() stays quick for a while after)
         self._server = handshake.BootstrapServer(
             host, port, config.shared_token, lambda: self._info, self._accepted.append, self._lost.append, self._wake.set
         )
@@ -140,7 +136,8 @@ class NixlTransceiver(LifecycleTransceiver):
         name = name.decode() if isinstance(name, bytes) else name
         descs = _block_descs(info.region_bases[0], int(info.fingerprint_fields["num_layers"]), info.num_blocks, info.block_bytes, info.device_id)
         dlist = self.agent.prep_xfer_dlist(info.agent_name, descs, info.mem_type)
-        self._peers[info.agent_name] = _Peer(info, dlist)
+        layer_first = np.arange(int(info.fingerprint_fields["num_layers"]), dtype=np.int32) * np.int32(info.num_blocks)
+        self._peers[info.agent_name] = _Peer(info, dlist, layer_first)
         try:  # bring the connection up now: the first transfer is 2-5x slower otherwise
             self.agent.make_connection(info.agent_name)
         except Exception as e:
@@ -169,11 +166,12 @@ class NixlTransceiver(LifecycleTransceiver):
         self._server.nudge(peer)
 
     def _post(self, op: str, local_ids: list[int], peer: str, remote_ids: list[int], notif: bytes, req: _Req) -> Any:
+        # few numpy calls: right after a large copy the caches are cold, and each call
+        # then costs ~10 µs
         p = self._peers[peer]
         lay = self.kv.layout
-        layers = np.arange(lay.num_layers, dtype=np.int64)[:, None]
-        local_idx = (layers * lay.num_blocks + np.asarray(local_ids, dtype=np.int64)[None, :]).ravel().astype(np.int32)
-        remote_idx = (layers * p.info.num_blocks + np.asarray(remote_ids, dtype=np.int64)[None, :]).ravel().astype(np.int32)
+        local_idx = np.add.outer(self._layer_first, np.array(local_ids, dtype=np.int32)).ravel()
+        remote_idx = np.add.outer(p.layer_first, np.array(remote_ids, dtype=np.int32)).ravel()
         req.num_bytes = lay.num_layers * len(local_ids) * lay.block_bytes
         try:
             handle = self.agent.make_prepped_xfer(op, self._local_dlist, local_idx, p.dlist, remote_idx, notif_msg=notif)
@@ -313,11 +311,10 @@ class NixlTransceiver(LifecycleTransceiver):
         self.last_transports = summary
 
     def wait(self, timeout_s: float, min_events: int = 1) -> list[TransferEvent]:
-        """Poll until ``min_events`` events or ``timeout_s``. Between polls it sleeps on an
-        event set by the bootstrap thread when a peer nudges us (a message for us arrived),
-        so an idle wait costs no CPU; completions are not announced, so while a transfer
-        is under way it re-polls sooner (see ``_poll_cap``), and for 2 ms after any traffic
-        it polls every 50 µs (back-to-back requests then need no wake-up)."""
+        """Poll until ``min_events`` events or ``timeout_s``. While something is due within
+        microseconds (lifecycle ``_due_soon``) it re-polls at once, yielding the core;
+        otherwise it sleeps on an event set by the bootstrap thread when a peer nudges us
+        (a message for us arrived), up to 2 ms, so an idle wait costs no CPU."""
         deadline = time.monotonic() + timeout_s
         events: list[TransferEvent] = []
         delay = 20e-6
@@ -333,37 +330,11 @@ class NixlTransceiver(LifecycleTransceiver):
             left = deadline - now
             if left <= 0:
                 return events
-            cap = self._poll_cap(hot=now - self._last_activity < _HOT_S)
-            if cap <= _OWN_OP_CAP and now - self._own_op_since < _SPIN_S:
-                time.sleep(0)  # our op just went out (a local copy ends within ~100 µs): re-poll at once
+            if self._due_soon(now):
+                time.sleep(0)  # yields the core and the GIL (the bootstrap thread may want it)
                 continue
             self._wake.wait(min(delay, left))
-            delay = min(delay * 2, cap)
-
-    def _poll_cap(self, hot: bool) -> float:
-        """Longest sleep between polls in ``wait``: 50 µs while our own operation is in
-        flight; while the peer's operation on our blocks runs (its WRITE into them in push,
-        its READ of them in pull), about a tenth of its expected time at 5 GB/s, so a long
-        copy is not slowed by polls on the same cores; 50 µs for a while after traffic
-        (``hot``); else 2 ms (messages for us come with a nudge)."""
-        cap = 2e-3
-        peer_op = False
-        lay = self.kv.layout
-        for rid in self._active:
-            r = self._reqs.get(rid)
-            if r is None or r.ending is not None:
-                continue
-            if r.xfer is not None:
-                return _OWN_OP_CAP
-            if r.started is not None and (
-                (r.role is Role.RECEIVER and self.mode is TransferMode.PUSH)
-                or (r.role is Role.SENDER and self.mode is TransferMode.PULL and r.peer is not None)
-            ):
-                peer_op = True
-                cap = min(cap, max(_OWN_OP_CAP, len(r.block_ids) * lay.num_layers * lay.block_bytes / 5e9 / 10))
-        if hot and not peer_op:
-            cap = _OWN_OP_CAP
-        return cap
+            delay = min(delay * 2, 2e-3)
 
     def close(self) -> None:
         if getattr(self, "_closed", False):

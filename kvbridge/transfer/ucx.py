@@ -4,8 +4,9 @@ Set-up (once):
   - one UCX context and worker (ucxx) in blocking-progress mode, no progress thread:
     ``poll()`` progresses the worker once per engine step; ``wait()`` sleeps in
     ``epoll_wait`` on the worker's event fd (UCX wakes it when a message arrives), so an
-    idle wait costs no CPU; while our own copies are in flight (cma copies run inside our
-    progress, and raise no event) it polls with a backoff from 20 µs to 1 ms
+    idle wait costs no CPU; cma copies run inside our progress (512 KiB per call) and
+    raise no event: ``_post`` drives them in a tight loop (bounded), as NIXL's transfer()
+    does, and ``wait`` re-polls without sleeping while something is due soon
   - the whole KV region mapped once (``ucp_mem_map``); its packed rkey goes to every peer
     in the handshake (``UcxBlob`` inside ``PeerInfo.agent_metadata``)
   - one endpoint per peer, from its worker address, with error handling PEER: a dead peer
@@ -77,6 +78,7 @@ __all__ = ["LAYOUT", "UcxBlob", "UcxError", "UcxTransceiver", "runs"]
 
 log = logging.getLogger("kvbridge.transfer.ucx")
 
+_SYNC_COPY_S = 0.05  # _post drives its copy to completion for at most this long
 _TAG_KIND = 0x6B << 56  # top byte of every kvbridge tag
 _TAG_KIND_MASK = 0xFF << 56
 _TAG_SENDER_MASK = (1 << 56) - 1
@@ -161,6 +163,7 @@ class UcxTransceiver(LifecycleTransceiver):
         self._by_tag: dict[int, str] = {}  # sender tag → agent name
         self._sends: list[tuple[Any, bytearray, str]] = []  # in-flight messages (request, buffer, peer)
         self._recvs: list[tuple[Any, bytearray, int]] = []  # probed messages being received
+        self._recvs_count = self._recvs_seen = 0  # messages probed, and as of the last poll
         self._closed = False
         self._server = handshake.BootstrapServer(
             host, port, config.shared_token, lambda: self._info, self._accepted.append, self._lost.append
@@ -254,6 +257,13 @@ class UcxTransceiver(LifecycleTransceiver):
                 x.add(fn(ep, base + lay.offset(layer, s), n * bb, rbase + (layer * rnb + d) * bb, rkey, param), name)
         x.start_flush()
         req.num_bytes = lay.num_layers * len(local_ids) * bb
+        # cma copies run inside our progress, 512 KiB per call: drive them here, in a tight
+        # loop, as NIXL's transfer() does (bounded; a longer one goes on in poll())
+        deadline = time.monotonic() + _SYNC_COPY_S
+        progress = self.worker.progress
+        while x.state() == "PROC" and time.monotonic() < deadline:
+            progress()
+        self._own_op_since = time.monotonic()
         return x
 
     @staticmethod
@@ -337,6 +347,7 @@ class UcxTransceiver(LifecycleTransceiver):
             buf = bytearray(max(1, probe.length))
             request = self.worker.tag_recv_with_handle(self._Array(buf), probe)
             self._recvs.append((request, buf, probe.sender_tag.value & _TAG_SENDER_MASK))
+            self._recvs_count += 1
         while self._recvs and self._recvs[0][0].completed:  # in arrival order
             request, buf, tag = self._recvs.pop(0)
             if tag not in self._by_tag:  # accepted a moment ago, after this poll began
@@ -374,21 +385,29 @@ class UcxTransceiver(LifecycleTransceiver):
         for req in list(self._reqs.values()):
             self._progress(req, now)
         out, self._events = self._events, []
+        if out or self._recvs_seen != self._recvs_count:
+            self._last_activity = now
+            self._recvs_seen = self._recvs_count
         for ev in out:
             record(self.metrics_label, ev)
         return out
 
     def wait(self, timeout_s: float, min_events: int = 1) -> list[TransferEvent]:
-        """Poll until ``min_events`` events arrived or ``timeout_s`` passed; between polls
-        sleep in ``epoll_wait`` on the worker's event fd (UCX wakes it when a message
-        arrives), at most 2 ms so the bootstrap thread's news is seen soon."""
+        """Poll until ``min_events`` events arrived or ``timeout_s`` passed. While something
+        is due within microseconds (lifecycle ``_due_soon``) re-poll at once, yielding the
+        core; otherwise sleep in ``epoll_wait`` on the worker's event fd (UCX wakes it when
+        a message arrives), at most 2 ms so the bootstrap thread's news is seen soon."""
         deadline = time.monotonic() + timeout_s
         events: list[TransferEvent] = []
         while True:
             events.extend(self.poll())
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if len(events) >= min_events or left <= 0 or self._closed:
                 return events
+            if self._due_soon(now):
+                time.sleep(0)  # yields the core and the GIL (the bootstrap thread may want it)
+                continue
             # sleeps only while UCX has nothing to do: ucp_worker_arm refuses (BUSY) while
             # copies of ours are pending, so this returns at once and polls again
             self.worker.progress_worker_event(max(1, min(2, int(left * 1000))))

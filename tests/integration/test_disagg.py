@@ -94,7 +94,7 @@ def test_disaggregated_equals_aggregated_non_streaming(cluster, reference):
 
 def test_disaggregated_equals_aggregated_streaming(cluster, reference):
     prompts, answers, token_str = reference
-    for p, (ids, text), toks in zip(prompts, answers, token_str):
+    for p, (_ids, text), toks in zip(prompts, answers, token_str):
         got_text, got_toks, finish = "", [], None
         with httpx.stream("POST", f"{cluster.url}/v1/completions", json=body(p, stream=True), timeout=60, trust_env=False) as r:
             assert r.status_code == 200
