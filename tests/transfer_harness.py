@@ -49,6 +49,17 @@ class PeerSpec:
 # --------------------------------------------------------------------------- child
 
 
+class _Uncancellable:
+    """A transfer handle that does not complete, and refuses to be released, until the
+    ``finish_stalled`` fault says so (NIXL can neither finish nor cancel the operation)."""
+
+    finished = False
+
+    def release(self) -> None:
+        if not self.finished:
+            raise RuntimeError("NIXL_ERR_REPOST_ACTIVE: transfer still in progress")
+
+
 class _Stalled:
     """A transfer handle that never completes (fault injection for the timeout path)."""
 
@@ -101,6 +112,13 @@ def _apply_fault(t: Any, kv: Any, fault: str | None) -> None:
         if hasattr(t, "agent"):
             orig_check = t.agent.check_xfer_state
             t.agent.check_xfer_state = lambda h: "PROC" if isinstance(h, _Stalled) else orig_check(h)
+    elif fault == "stall_uncancellable":
+        # the sender's one-sided operation never completes, and NIXL refuses to cancel it
+        t._post = lambda *a, **k: _Uncancellable()
+        orig_check = t.agent.check_xfer_state
+        t.agent.check_xfer_state = lambda h: ("DONE" if h.finished else "PROC") if isinstance(h, _Uncancellable) else orig_check(h)
+    elif fault == "finish_stalled":  # the stuck operations complete after all
+        _Uncancellable.finished = True
     elif fault is None:  # back to normal
         t.__dict__.pop("_post", None)
         t.__dict__.pop("_checksums", None)
@@ -190,6 +208,8 @@ def _child(conn: Any, spec_d: dict) -> None:
                 kv, pool, t = _build(spec)
                 received.clear()
                 res = t.bootstrap_address
+            elif cmd == "broken":
+                res = t.broken_reason
             elif cmd == "transports":
                 res = getattr(t, "last_transports", None)
             else:

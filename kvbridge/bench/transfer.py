@@ -358,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"sizes must be multiples of {human(REQ_UNIT)} (one 16 KiB block in each of 4 layers): {bad}")
     backends = [b for b in a.backends.split(",") if b] or _available_backends()
+    backends.sort(key=lambda b: b != "nixl")  # nixl first: its run measures the bare NIXL baseline
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("UCX_NET_DEVICES", "lo")  # local benchmark: loopback (children inherit it)

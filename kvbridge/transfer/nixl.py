@@ -112,6 +112,7 @@ class NixlTransceiver(LifecycleTransceiver):
         )
         self._info = self._make_info(model_id, f"nixl/{self.nixl_backend}", self.agent.get_agent_metadata())
         self._wake = threading.Event()
+        self._broken_by: str | None = None  # the request whose uncancellable op broke us
         self._server = handshake.BootstrapServer(
             host, port, config.shared_token, lambda: self._info, self._accepted.append, self._lost.append, self._wake.set
         )
@@ -265,7 +266,14 @@ class NixlTransceiver(LifecycleTransceiver):
             # NIXL can neither finish nor cancel it: the blocks stay held (freeing them could
             # let the op write into reused blocks) and health reports the transceiver broken
             self._broken = f"NIXL cannot cancel the transfer of {req.request_id}; its blocks stay held"
+            self._broken_by = req.request_id
             log.error("kv transceiver broken: %s", self._broken)
+
+    def _finish(self, req: _Req, cause: FailureCause | None = None, message: str = "") -> None:
+        super()._finish(req, cause, message)
+        if self._broken_by == req.request_id:  # the stuck operation ended after all
+            log.warning("kv transceiver healthy again: the transfer of %s ended", req.request_id)
+            self._broken = self._broken_by = None
 
     def _finished_ok(self, req: _Req) -> None:
         self._log_transports(req.peer)

@@ -186,3 +186,34 @@ def test_killed_peer_frees_blocks(backend):
     finally:
         for p in (prefill, d1, d2):
             p.stop()
+
+
+def test_uncancellable_transfer_holds_its_blocks_and_breaks_health():
+    """A NIXL WRITE that neither completes nor can be released: after the timeout the
+    sender keeps its blocks (freeing them could let the op write into reused blocks) and
+    reports the transceiver broken (the worker's /health then fails); once the operation
+    ends after all, the blocks are freed and the transceiver is healthy again."""
+    prefill, decode, name = pair("nixl", "push", timeout_ms=300)
+    try:
+        prefill.call("fault", "stall_uncancellable")
+        prefill.call("hold", [0, 1])
+        decode.call("hold", [2, 3])
+        decode.call("receive", "u1", name, [2, 3])
+        prefill.call("send", "u1", [0, 1])
+        (dev,), pevs = wait_both(decode, 1, prefill, 1, timeout=2.0)
+        assert dev[2:4] == ("failed", "timeout"), dev
+        assert pevs == [], pevs  # the sender cannot end the request: its op is still there
+        assert_pools_full(decode)
+        prefill.call("wait", 1, 0.8)  # past the timeout again, while ending
+        reason = prefill.call("broken")
+        assert reason is not None and "cannot cancel" in reason and "u1" in reason, reason
+        free, total, pending = prefill.call("pool")
+        assert (free, pending) == (total - 2, 1), (free, total, pending)  # blocks 0, 1 still held
+        prefill.call("fault", "finish_stalled")
+        (pev,) = prefill.wait_events(1, timeout=5)
+        assert pev[2] == "failed", pev
+        assert prefill.call("broken") is None
+        assert_pools_full(prefill, decode)
+    finally:
+        prefill.stop()
+        decode.stop()
