@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="push,pull")
     ap.add_argument("--backends", default="", help="nixl,ucx (default: every one that loads)")
     ap.add_argument("--budget", default="512M", help="bytes moved per measurement (sets the iterations)")
-    ap.add_argument("--rounds", type=int, default=3, help="best of this many measurements per cell")
+    ap.add_argument("--rounds", type=int, default=5, help="best of this many measurements per cell")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the plot from a transfer.json")
     ap.add_argument("--out", default="bench-out", help="folder for transfer.json and transfer.png")
     a = ap.parse_args(argv)

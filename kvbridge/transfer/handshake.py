@@ -49,7 +49,7 @@ from kvbridge.transfer.base import (
 log = logging.getLogger("kvbridge.transfer.handshake")
 
 MAX_FRAME = 16 * 1024 * 1024
-NUDGE_EVERY_S = 1e-3  # must stay below the receiver's hot window (lifecycle.py HOT_S)
+NUDGE_EVERY_S = 4e-3  # must stay below the receiver's hot window (lifecycle.py HOT_S)
 
 
 def compare(mine: PeerInfo, theirs: PeerInfo) -> tuple[str, str] | None:

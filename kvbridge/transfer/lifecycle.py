@@ -46,7 +46,7 @@ from kvbridge.transfer.base import (
 
 LAYOUT = "layer_block"
 SPIN_AFTER_POST_S = 200e-6  # after posting our op, ``wait`` re-polls without sleeping this long
-HOT_S = 2e-3  # after a message or event, ``wait`` re-polls without sleeping this long
+HOT_S = 5e-3  # after a message or event, ``wait`` re-polls without sleeping this long
 
 
 def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
