@@ -212,6 +212,8 @@ def frontend_objects(cfg: ClusterConfig) -> list[Obj]:
         "command": [
             "kvbridge",
             "serve",
+            "--config",  # the workers' engine config: the frontend tokenizes with the same model
+            ENGINE_PATH,
             "--etcd",
             etcd_endpoints(cfg),
             "--nats",
@@ -223,6 +225,7 @@ def frontend_objects(cfg: ClusterConfig) -> list[Obj]:
         ],
         "ports": [{"name": "http", "containerPort": fe.port}],
         "resources": {"requests": {"cpu": fe.cpu, "memory": fe.memory}, "limits": {"memory": fe.memory}},
+        "volumeMounts": [{"name": "engine-config", "mountPath": ENGINE_DIR, "readOnly": True}],
         **_probes(fe.port, startup=False),
     }
     if fe.env:
@@ -234,7 +237,13 @@ def frontend_objects(cfg: ClusterConfig) -> list[Obj]:
         "spec": {
             "replicas": fe.replicas,
             "selector": {"matchLabels": selector(cfg, "frontend")},
-            "template": {"metadata": {"labels": labels(cfg, "frontend")}, "spec": {"containers": [container]}},
+            "template": {
+                "metadata": {"labels": labels(cfg, "frontend")},
+                "spec": {
+                    "containers": [container],
+                    "volumes": [{"name": "engine-config", "configMap": {"name": f"{cfg.name}-engine"}}],
+                },
+            },
         },
     }
     service = {

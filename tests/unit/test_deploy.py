@@ -187,7 +187,10 @@ def test_commands_config_and_probes() -> None:
         assert {"name": "engine-config", "configMap": {"name": "kvb-engine"}} in pod["volumes"]
     (fe,) = pods(objs, "frontend")
     cmd = fe["containers"][0]["command"]
-    assert cmd[:2] == ["kvbridge", "serve"]
+    # the frontend reads the workers' engine config: it tokenizes with the model they serve
+    assert cmd[:4] == ["kvbridge", "serve", "--config", ENGINE_PATH]
+    assert any(m["mountPath"] == "/etc/kvbridge" for m in fe["containers"][0]["volumeMounts"])
+    assert {"name": "engine-config", "configMap": {"name": "kvb-engine"}} in fe["volumes"]
     assert cmd[cmd.index("--etcd") + 1] == "http://kvb-etcd.llm.svc:2379"
     assert cmd[cmd.index("--nats") + 1] == "nats://kvb-nats.llm.svc:4222"
     # probes on /health and resource requests on every kvbridge pod
