@@ -214,11 +214,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise CLIError("the prompt is empty")
-    engine = _load_engine(cfg, logging.getLogger("kvbridge.chat"))
-    tok = engine.tokenizer
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}
     ]
+    if args.url:
+        return _chat_remote(args, messages)
+    engine = _load_engine(cfg, logging.getLogger("kvbridge.chat"))
+    tok = engine.tokenizer
     ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
     room = engine.max_model_len - len(ids)
     if room <= 0:
@@ -239,6 +241,48 @@ def cmd_chat(args: argparse.Namespace) -> int:
             out.write(o.new_text)
             out.flush()
     out.write("\n")
+    return 0
+
+
+def _chat_remote(args: argparse.Namespace, messages: list[dict[str, str]]) -> int:
+    """Ask a running server (``--url``): stream its /v1/chat/completions answer to stdout."""
+    import json
+
+    import httpx
+
+    body: dict = {"messages": messages, "max_tokens": args.max_tokens, "temperature": args.temperature,
+                  "top_p": args.top_p, "stream": True}  # fmt: skip
+    if args.top_k:
+        body["top_k"] = args.top_k
+    if args.seed is not None:
+        body["seed"] = args.seed
+    url = args.url.rstrip("/")
+    try:
+        if not args.model_name:  # the one model the server serves
+            models = httpx.get(f"{url}/v1/models", timeout=10).raise_for_status().json()["data"]
+            body["model"] = models[0]["id"]
+        else:
+            body["model"] = args.model_name
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=600)) as r:
+            if r.status_code != 200:
+                r.read()
+                try:
+                    msg = r.json()["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    msg = r.text[:200]
+                raise CLIError(f"{url} answered {r.status_code}: {msg}", code=1)
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise CLIError(f"generation failed: {event['error'].get('message', event['error'])}", code=1)
+                for choice in event.get("choices", []):
+                    sys.stdout.write(choice.get("delta", {}).get("content") or "")
+                    sys.stdout.flush()
+    except httpx.HTTPError as e:
+        raise CLIError(f"cannot reach {url}: {type(e).__name__}: {e}", code=1) from None
+    sys.stdout.write("\n")
     return 0
 
 
@@ -338,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "chat", help="answer one prompt from the command line",
-        description='Answer one prompt with the model, in this process: kvbridge chat "Why is the sky blue?"',
+        description='Answer one prompt with the model, in this process (kvbridge chat "Why is the sky blue?") '
+        "or, with --url, from a running server.",
     )  # fmt: skip
     c.add_argument("prompt", help='the user message ("-" reads it from stdin)')
     c.add_argument("--system", help="a system message")
@@ -348,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-k", type=int, default=0, help="0 is off (default: 0)")
     c.add_argument("--seed", type=int, help="sampling seed")
     c.add_argument("--config", metavar="YAML", help="config file; flags override it")
+    c.add_argument("--url", help="ask a running server (e.g. http://127.0.0.1:8000) instead of loading the model here")
+    c.add_argument("--model-name", help="with --url: the model to ask for (default: the one the server lists)")
     _add_engine_flags(c)
     c.add_argument(
         "--log-level", type=str.lower, choices=LOG_LEVELS, default="warning", help="log level (default: warning)"

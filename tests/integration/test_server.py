@@ -105,6 +105,20 @@ def test_chat_completion(client):
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
 
 
+def test_cli_chat_url_asks_the_running_server(client, capsys):
+    from kvbridge.cli import main
+
+    question = "What is the capital of France?"
+    expected = client.post("/v1/chat/completions", json=chat(question, max_tokens=12)).json()
+    url = str(client.base_url)
+    assert main(["chat", question, "--url", url, "--max-tokens", "12"]) == 0
+    assert capsys.readouterr().out == expected["choices"][0]["message"]["content"] + "\n"
+    # the server's refusal comes back as one line with its reason
+    assert main(["chat", question, "--url", url, "--max-tokens", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "answered 400" in err and "max_tokens" in err
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_stream_equals_non_stream_greedy(client, path):
     if path.endswith("chat/completions"):
