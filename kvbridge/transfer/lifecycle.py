@@ -77,6 +77,7 @@ class _Req:
     need_ack: bool = False  # waiting for the peer's AbortAck before the blocks are safe
     ack_to: str | None = None  # the peer that aborted: answer AbortAck once we are safe
     num_bytes: int = 0
+    landed_after: float = 0.0  # push receiver: WriteDone arrived after this (the poll before the one that took it)
 
 
 class LifecycleTransceiver(KVTransceiver):
@@ -99,6 +100,7 @@ class LifecycleTransceiver(KVTransceiver):
         self._lost: list[str] = []
         self._broken: str | None = None
         self._own_op_since = 0.0  # when we last posted a one-sided op
+        self._poll_at = self._prev_poll_at = 0.0  # when this poll and the one before it began
         self._last_activity = 0.0  # last message or event
         self._bytes_np = self.kv.as_bytes().numpy() if not self.kv.is_cuda else None
 
@@ -119,6 +121,10 @@ class LifecycleTransceiver(KVTransceiver):
             fingerprint_fields={k: str(v) for k, v in lay.fingerprint_fields(model_id).items()},
             bootstrap="",
         )
+
+    def _begin_poll(self, now: float) -> None:
+        """Each backend's ``poll`` starts here (message times are known to within a poll)."""
+        self._prev_poll_at, self._poll_at = self._poll_at, now
 
     # ----------------------------------------------------------------- transport hooks
     def _add_peer(self, info: PeerInfo) -> None:
@@ -331,6 +337,9 @@ class LifecycleTransceiver(KVTransceiver):
                 if req.ending is not None:  # the data landed after we began ending: blocks are safe now
                     req.need_ack = False
                 else:
+                    # the data landed after the previous poll began: when an engine step ran
+                    # between that poll and this one, the step is not transfer time
+                    req.landed_after = self._prev_poll_at
                     # checksums are per joint run; joint runs are the same seen from either side
                     self._verify_and_finish(req, list(msg.checksums), list(msg.block_ids))
         elif isinstance(msg, BlocksReady):  # decode, pull: read them now
@@ -411,13 +420,23 @@ class LifecycleTransceiver(KVTransceiver):
             cause=cause,
             message=message,
             num_bytes=req.num_bytes if cause is None else 0,
-            seconds=(now - req.started) if req.started is not None else 0.0,
+            seconds=self._transfer_seconds(req, now),
         )
         if cause is None and req.peer is not None:
             self._finished_ok(req)
         if cause is not None:
             self._log.warning("kv transfer %s (%s) failed: %s: %s", req.request_id, req.role.value, cause.value, message)
         self._events.append(ev)
+
+    @staticmethod
+    def _transfer_seconds(req: _Req, now: float) -> float:
+        """From the start of the transfer to the data being there. A push receiver knows
+        only that WriteDone landed after its previous poll began: it counts to then (a lower
+        bound), so an engine step that ran between the two polls is not transfer time."""
+        if req.started is None:
+            return 0.0
+        end = max(req.landed_after, req.started) if req.landed_after else now
+        return end - req.started
 
     def _peer_lost(self, name: str) -> None:
         p = self._peers.get(name)

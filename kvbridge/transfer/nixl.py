@@ -206,6 +206,7 @@ class NixlTransceiver(LifecycleTransceiver):
     # ----------------------------------------------------------------- poll
     def poll(self) -> list[TransferEvent]:
         now = time.monotonic()
+        self._begin_poll(now)
         while self._accepted:
             info = self._accepted.pop(0)
             try:

@@ -372,6 +372,7 @@ class UcxTransceiver(LifecycleTransceiver):
         if self._closed:
             return []
         now = time.monotonic()
+        self._begin_poll(now)
         self._add_accepted()
         while self._lost:
             self._peer_lost(self._lost.pop(0))

@@ -1,0 +1,74 @@
+"""The transport-independent request life (lifecycle.py), driven message by message with a
+fake clock and a transport that only records what it would send."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from kvbridge.config import CacheTransceiverConfig
+from kvbridge.engine.kv_cache import KVCache, KVLayout
+from kvbridge.transfer import lifecycle
+from kvbridge.transfer.base import Msg, WriteDone, WriteStarted
+
+
+class RecordingTransceiver(lifecycle.LifecycleTransceiver):
+    """The shared state machine with a transport that records messages and moves nothing."""
+
+    backend_name = "fake"
+
+    def __init__(self, mode: str) -> None:
+        kv = KVCache(KVLayout(2, 8, 16, 2, 64, "float16"))
+        super().__init__(kv, CacheTransceiverConfig(backend="NIXL", transfer_mode=mode), model_id="m")
+        self._init_lifecycle()
+        self.sent: list[tuple[str, Msg]] = []
+        self._peers["prefill"] = SimpleNamespace(alive=True, info=SimpleNamespace(agent_name="prefill"))
+
+    def _notify(self, peer: str, msg: Msg) -> None:
+        self.sent.append((peer, msg))
+
+    def poll(self):  # the tests call _begin_poll and _on_msg themselves; this hands out the events
+        out, self._events = self._events, []
+        return out
+
+    def wait(self, timeout_s: float, min_events: int = 1):
+        return self.poll()
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(lifecycle, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    return now
+
+
+def test_push_receiver_does_not_count_an_engine_step_as_transfer_time(clock):
+    t = RecordingTransceiver("push")
+    t.receive("r1", "prefill", [1, 2])
+    assert [type(m).__name__ for _, m in t.sent] == ["ReceiveRequest"]
+    t._begin_poll(clock[0])
+    t._on_msg("prefill", WriteStarted(request_id="r1"))  # the transfer starts at 100.0
+    clock[0] = 100.002
+    t._begin_poll(clock[0])  # a poll that finds nothing new
+    clock[0] = 100.502  # then a 500 ms engine step, while WriteDone lands
+    t._begin_poll(clock[0])
+    t._on_msg("prefill", WriteDone(request_id="r1", checksums=[], block_ids=[]))
+    (ev,) = t.poll()
+    assert ev.ok and ev.block_ids == (1, 2)
+    assert ev.seconds == pytest.approx(0.002)  # landed after the 100.002 poll began: not 0.502
+
+
+def test_push_receiver_taking_both_messages_in_one_poll_counts_no_step(clock):
+    t = RecordingTransceiver("push")
+    t.receive("r2", "prefill", [3])
+    t._begin_poll(clock[0])
+    clock[0] = 101.0  # a 1 s step; both messages landed during it
+    t._begin_poll(clock[0])
+    t._on_msg("prefill", WriteStarted(request_id="r2"))
+    t._on_msg("prefill", WriteDone(request_id="r2", checksums=[], block_ids=[]))
+    (ev,) = t.poll()
+    assert ev.ok and ev.seconds == pytest.approx(0.0)
