@@ -53,6 +53,8 @@ __all__ = ["LAYOUT", "NixlTransceiver", "runs"]
 
 log = logging.getLogger("kvbridge.transfer.nixl")
 
+_DRIVE_CAP_S = 0.1  # _post waits this long at most for its op (about one engine step of the peer)
+
 
 @dataclass
 class _Peer:
@@ -185,6 +187,18 @@ class NixlTransceiver(LifecycleTransceiver):
         if state.startswith("ERR"):
             self._release(handle)
             raise TransferError(FailureCause.BACKEND, f"NIXL {op} to {peer} failed to post: {state}")
+        # The endpoints have error handling, so UCX completes a WRITE/READ (and sends its
+        # notification) only after the peer's worker answers a flush: a peer busy in an
+        # engine step answers at its next poll. Drive our side until then, spinning 1 ms
+        # and then sleeping between checks, at most _DRIVE_CAP_S; left to our next poll,
+        # the op would wait for our next engine step (a whole prefill) and the peer with it.
+        now = time.monotonic()
+        spin_until, deadline = now + 1e-3, now + _DRIVE_CAP_S
+        while state == "PROC" and now < deadline:
+            if now > spin_until:
+                time.sleep(100e-6)
+            state = self._xfer_state(handle)
+            now = time.monotonic()
         self._own_op_since = time.monotonic()
         return handle
 
