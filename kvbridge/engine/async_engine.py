@@ -39,8 +39,9 @@ log = logging.getLogger("kvbridge.async_engine")
 
 
 # With no step to run but transfers in flight, the engine thread sleeps in the transceiver's
-# own wait (woken by peer messages) this long at most before it looks at its inbox again.
-IDLE_TRANSFER_WAIT_S = 0.005
+# own wait (woken by peer messages, and by _submit) this long at most before it looks at its
+# inbox again.
+IDLE_TRANSFER_WAIT_S = 0.05
 
 
 class EngineDeadError(RuntimeError):
@@ -143,6 +144,8 @@ class AsyncEngine:
             self._stopping = True
             self._cv.notify()
             thread = self._thread
+        if self.connector is not None:
+            self.connector.wake()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
@@ -199,6 +202,8 @@ class AsyncEngine:
                 raise EngineDeadError(self.error or "the engine is not running")
             self._inbox.append(cmd)
             self._cv.notify()
+        if self.connector is not None:
+            self.connector.wake()  # the engine thread may be sleeping in the transceiver's wait
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:

@@ -338,6 +338,11 @@ class KVTransceiver(ABC):
             time.sleep(delay)
             delay = min(delay * 2, 1e-3)
 
+    def wake(self) -> None:
+        """Make a ``wait`` in progress return soon (any thread may call it): the engine has
+        something else to do. Backends whose ``wait`` sleeps long implement it."""
+        return None  # the default wait() above sleeps at most 1 ms at a time
+
     @property
     @abstractmethod
     def num_pending(self) -> int:

@@ -132,6 +132,10 @@ class KVConnector:
         for ev in self.transceiver.poll():
             self._on_event(ev)
 
+    def wake(self) -> None:
+        """From any thread: end a ``wait`` in progress (the engine has work)."""
+        self.transceiver.wake()
+
     def wait(self, timeout_s: float) -> None:
         """Nothing to compute: sleep in the transceiver until an event or ``timeout_s``."""
         for ev in self.transceiver.wait(timeout_s):

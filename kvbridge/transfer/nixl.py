@@ -53,6 +53,10 @@ __all__ = ["LAYOUT", "NixlTransceiver", "runs"]
 
 log = logging.getLogger("kvbridge.transfer.nixl")
 
+# An idle wait sleeps until a peer's nudge, bootstrap news or wake(); it re-polls this often
+# anyway (a safety net: every poll of an idle worker takes a slice of a core that a
+# co-located prefill's threads are using).
+_IDLE_POLL_S = 0.05
 _DRIVE_CAP_S = 0.1  # _post waits this long at most for its op (about one engine step of the peer)
 
 
@@ -114,9 +118,10 @@ class NixlTransceiver(LifecycleTransceiver):
         )
         self._info = self._make_info(model_id, f"nixl/{self.nixl_backend}", self.agent.get_agent_metadata())
         self._wake = threading.Event()
+        self._woken_by_engine = False  # wake() was called: wait() returns to the engine
         self._broken_by: str | None = None  # the request whose uncancellable op broke us
         self._server = handshake.BootstrapServer(
-            host, port, config.shared_token, lambda: self._info, self._accepted.append, self._lost.append, self._wake.set
+            host, port, config.shared_token, lambda: self._info, self._news(self._accepted), self._news(self._lost), self._wake.set
         )
         self._info.bootstrap = self._server.address
         if len(inst.copies) > 1:
@@ -132,6 +137,19 @@ class NixlTransceiver(LifecycleTransceiver):
             self.mode.value,
             self._server.address,
         )
+
+    def _news(self, into: list) -> Any:
+        """A bootstrap-thread callback: queue the item for ``poll`` and wake ``wait``."""
+
+        def put(item: Any) -> None:
+            into.append(item)
+            self._wake.set()
+
+        return put
+
+    def wake(self) -> None:
+        self._woken_by_engine = True
+        self._wake.set()
 
     # ----------------------------------------------------------------- connection
     def _add_peer(self, info: PeerInfo) -> None:
@@ -157,16 +175,17 @@ class NixlTransceiver(LifecycleTransceiver):
 
     # ----------------------------------------------------------------- transfers
     def _start_write(self, req: _Req, peer: str, dst: list[int]) -> None:
-        self._notify(peer, WriteStarted(request_id=req.request_id), nudge=False)
+        # wake the receiver first: UCX completes our WRITE only once the receiver's worker
+        # answers its flush (see _post), and an idle receiver sleeps until nudged
+        self._notify(peer, WriteStarted(request_id=req.request_id))
         done = WriteDone(request_id=req.request_id, checksums=req.checksums, block_ids=req.block_ids if req.checksums else [])
         try:
             req.xfer = self._post("WRITE", req.block_ids, peer, dst, encode(done), req)
         except TransferError as e:
             self._end(req, e.cause, str(e))
             return
-        # wake the receiver once the write is posted (with cma the bytes are already
-        # there): its poll() takes both messages, and our WRITE completes with it
-        self._server.nudge(peer)
+        # and again for WriteDone: the WRITE may have outlasted the receiver's spin
+        self._server.nudge(peer, force=True)
 
     def _post(self, op: str, local_ids: list[int], peer: str, remote_ids: list[int], notif: bytes, req: _Req) -> Any:
         # few numpy calls: right after a large copy the caches are cold, and each call
@@ -337,27 +356,28 @@ class NixlTransceiver(LifecycleTransceiver):
         """Poll until ``min_events`` events or ``timeout_s``. While something is due within
         microseconds (lifecycle ``_due_soon``) it re-polls at once, yielding the core;
         otherwise it sleeps on an event set by the bootstrap thread when a peer nudges us
-        (a message for us arrived), up to 2 ms, so an idle wait costs no CPU."""
+        (a message for us arrived) or a peer connects or goes, or by ``wake()`` (then it
+        returns), re-polling every ``_IDLE_POLL_S`` at most, so an idle wait costs no CPU."""
         deadline = time.monotonic() + timeout_s
         events: list[TransferEvent] = []
-        delay = 20e-6
         while True:
             self._wake.clear()
             got = self.poll()
             if got:
                 events.extend(got)
-                delay = 20e-6
                 if len(events) >= min_events:
                     return events
             now = time.monotonic()
             left = deadline - now
             if left <= 0:
                 return events
+            if self._woken_by_engine:  # wake(): the engine has something to do
+                self._woken_by_engine = False
+                return events
             if self._due_soon(now):
                 os.sched_yield()  # releases the GIL too; time.sleep(0) would sleep ~50 µs (timer slack)
                 continue
-            self._wake.wait(min(delay, left))
-            delay = min(delay * 2, 2e-3)
+            self._wake.wait(min(left, _IDLE_POLL_S))
 
     def close(self) -> None:
         if getattr(self, "_closed", False):
