@@ -140,16 +140,15 @@ class BootstrapServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def nudge(self, peer_name: str, force: bool = False) -> None:
+    def nudge(self, peer_name: str) -> None:
         """Wake the peer's ``wait()``: one byte on the liveness connection, after a message,
         so a waiting engine sleeps in ``select`` instead of polling. At most one per
         ``NUDGE_EVERY_S`` per peer: a woken peer keeps polling quickly for a while after
         traffic (lifecycle.py ``HOT_S``, longer than this), and a wake-up costs a context
-        switch (~100-250 µs on a busy 2-core machine). ``force``: a message that must not
-        wait for the peer's next timed poll (it may have stopped spinning)."""
+        switch (~100-250 µs on a busy 2-core machine)."""
         sock = self._socks.get(peer_name)
         now = time.monotonic()
-        if sock is not None and (force or now - self._nudged.get(peer_name, 0.0) >= NUDGE_EVERY_S):
+        if sock is not None and now - self._nudged.get(peer_name, 0.0) >= NUDGE_EVERY_S:
             self._nudged[peer_name] = now
             try:
                 sock.send(b"!")

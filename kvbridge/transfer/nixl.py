@@ -184,8 +184,7 @@ class NixlTransceiver(LifecycleTransceiver):
         except TransferError as e:
             self._end(req, e.cause, str(e))
             return
-        # and again for WriteDone: the WRITE may have outlasted the receiver's spin
-        self._server.nudge(peer, force=True)
+        self._server.nudge(peer)  # for WriteDone, unless the first nudge was just now
 
     def _post(self, op: str, local_ids: list[int], peer: str, remote_ids: list[int], notif: bytes, req: _Req) -> Any:
         # few numpy calls: right after a large copy the caches are cold, and each call
