@@ -101,6 +101,7 @@ class LifecycleTransceiver(KVTransceiver):
         self._broken: str | None = None
         self._own_op_since = 0.0  # when we last posted a one-sided op
         self._poll_at = self._prev_poll_at = 0.0  # when this poll and the one before it began
+        self._woken = False  # wake() was called: wait() returns to the engine
         self._last_activity = 0.0  # last message or event
         self._bytes_np = self.kv.as_bytes().numpy() if not self.kv.is_cuda else None
 
@@ -455,6 +456,14 @@ class LifecycleTransceiver(KVTransceiver):
         self._drop_peer(name, p)
 
     # ----------------------------------------------------------------- waiting
+    def wake(self) -> None:
+        self._woken = True  # each backend's wait() checks it between polls (_take_wake)
+
+    def _take_wake(self) -> bool:
+        """Whether ``wake()`` was called since the last check (``wait`` then returns)."""
+        woken, self._woken = self._woken, False
+        return woken
+
     def _due_soon(self, now: float) -> bool:
         """Whether the next event is expected within microseconds, so that ``wait`` should
         re-poll at once (yielding the core) instead of sleeping: a sleep, even of 50 µs,

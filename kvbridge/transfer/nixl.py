@@ -118,7 +118,6 @@ class NixlTransceiver(LifecycleTransceiver):
         )
         self._info = self._make_info(model_id, f"nixl/{self.nixl_backend}", self.agent.get_agent_metadata())
         self._wake = threading.Event()
-        self._woken_by_engine = False  # wake() was called: wait() returns to the engine
         self._broken_by: str | None = None  # the request whose uncancellable op broke us
         self._server = handshake.BootstrapServer(
             host, port, config.shared_token, lambda: self._info, self._news(self._accepted), self._news(self._lost), self._wake.set
@@ -148,7 +147,7 @@ class NixlTransceiver(LifecycleTransceiver):
         return put
 
     def wake(self) -> None:
-        self._woken_by_engine = True
+        super().wake()
         self._wake.set()
 
     # ----------------------------------------------------------------- connection
@@ -370,8 +369,7 @@ class NixlTransceiver(LifecycleTransceiver):
             left = deadline - now
             if left <= 0:
                 return events
-            if self._woken_by_engine:  # wake(): the engine has something to do
-                self._woken_by_engine = False
+            if self._take_wake():  # the engine has something to do
                 return events
             if self._due_soon(now):
                 os.sched_yield()  # releases the GIL too; time.sleep(0) would sleep ~50 µs (timer slack)

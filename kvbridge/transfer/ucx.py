@@ -165,7 +165,6 @@ class UcxTransceiver(LifecycleTransceiver):
         self._recvs: list[tuple[Any, bytearray, int]] = []  # probed messages being received
         self._recvs_count = self._recvs_seen = 0  # messages probed, and as of the last poll
         self._closed = False
-        self._woken_by_engine = False
         self._server = handshake.BootstrapServer(
             host, port, config.shared_token, lambda: self._info, self._accepted.append, self._lost.append
         )
@@ -407,8 +406,7 @@ class UcxTransceiver(LifecycleTransceiver):
             left = deadline - now
             if len(events) >= min_events or left <= 0 or self._closed:
                 return events
-            if self._woken_by_engine:  # wake(): the engine has something to do
-                self._woken_by_engine = False
+            if self._take_wake():  # the engine has something to do (this sleeps <= 2 ms at a time)
                 return events
             if self._due_soon(now):
                 os.sched_yield()  # releases the GIL too; time.sleep(0) would sleep ~50 µs (timer slack)
@@ -416,9 +414,6 @@ class UcxTransceiver(LifecycleTransceiver):
             # sleeps only while UCX has nothing to do: ucp_worker_arm refuses (BUSY) while
             # copies of ours are pending, so this returns at once and polls again
             self.worker.progress_worker_event(max(1, min(2, int(left * 1000))))
-
-    def wake(self) -> None:
-        self._woken_by_engine = True  # wait() sleeps at most 2 ms at a time and checks it
 
     # ----------------------------------------------------------------- reporting
     def _log_transports(self, peer: str | None) -> None:
