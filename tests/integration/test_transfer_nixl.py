@@ -104,8 +104,11 @@ def test_abort_before_the_kv_is_ready(peers):
     decode.call("hold", [10, 11])
     decode.call("receive", f"a-{mode}", name, [10, 11])
     decode.call("abort", f"a-{mode}")
-    (dev,), _ = wait_both(decode, 1, prefill, 0, timeout=5)
+    # both engine loops run for a second (on a fresh connection the messages need both
+    # sides' progress): the request and its abort reach the prefill side
+    (dev,), pevs = wait_both(decode, 2, prefill, 1, timeout=1.0)
     assert dev[2:4] == ("failed", "aborted"), dev
+    assert pevs == [], pevs
     prefill.call("hold", [12, 13])  # the KV becomes ready after the client left
     prefill.call("send", f"a-{mode}", [12, 13])
     (pev,) = prefill.wait_events(1)

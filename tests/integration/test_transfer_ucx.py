@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.transfer_harness import Peer, assert_pools_full, pair, transfer, wait_both
+from tests.transfer_harness import Peer, assert_pools_full, pair, transfer
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")  # children inherit it: UCX on loopback only
 
@@ -53,26 +53,6 @@ def test_transports_read_from_ucx(peers):
         assert line is not None and "rma: cma/memory" in line, line
         assert "am: tcp/lo" in line, line
     assert_pools_full(prefill, decode)
-
-
-
-
-
-
-def test_abort_by_the_receiver(peers):
-    prefill, decode, name, mode = peers
-    decode.call("hold", [10, 11])
-    decode.call("receive", f"a-{mode}", name, [10, 11])
-    decode.call("abort", f"a-{mode}")
-    (dev,), _ = wait_both(decode, 1, prefill, 0, timeout=5)
-    assert dev[2:4] == ("failed", "aborted"), dev
-    prefill.call("hold", [12, 13])  # the KV becomes ready after the client left
-    prefill.call("send", f"a-{mode}", [12, 13])
-    (pev,) = prefill.wait_events(1)
-    assert pev[2:4] == ("failed", "aborted"), pev
-    assert_pools_full(prefill, decode)
-
-
 
 
 def test_idle_wait_sleeps(peers):
