@@ -282,6 +282,8 @@ def _chat_remote(args: argparse.Namespace, messages: list[dict[str, str]]) -> in
                     sys.stdout.flush()
     except httpx.HTTPError as e:
         raise CLIError(f"cannot reach {url}: {type(e).__name__}: {e}", code=1) from None
+    except (ValueError, KeyError, IndexError, TypeError) as e:  # not JSON, or not OpenAI's shape
+        raise CLIError(f"{url} did not answer like an OpenAI-compatible server ({type(e).__name__}: {e})", code=1) from None
     sys.stdout.write("\n")
     return 0
 

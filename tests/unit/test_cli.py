@@ -190,3 +190,29 @@ def test_serve_port_in_use_is_one_line(capsys):
         s.close()
     err = capsys.readouterr().err.strip()
     assert "cannot listen on 127.0.0.1" in err and "\n" not in err
+
+
+def test_chat_url_that_is_not_an_openai_server(capsys):
+    """A URL that answers, but not with OpenAI's JSON: one line and status 1, no traceback."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class NotOpenAI(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>hello</html>")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), NotOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert run_main(["chat", "hi", "--url", f"http://127.0.0.1:{server.server_port}"]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert "did not answer like an OpenAI-compatible server" in err, err
