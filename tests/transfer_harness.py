@@ -120,6 +120,7 @@ def _apply_fault(t: Any, kv: Any, fault: str | None) -> None:
     elif fault == "finish_stalled":  # the stuck operations complete after all
         _Uncancellable.finished = True
     elif fault is None:  # back to normal
+        _Uncancellable.finished = False
         t.__dict__.pop("_post", None)
         t.__dict__.pop("_checksums", None)
         if hasattr(t, "agent"):
