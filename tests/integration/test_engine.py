@@ -7,12 +7,14 @@ its own loader (independent of ours), greedy decoding.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from kvbridge.config import EngineConfig, default_model_path
-from kvbridge.engine.engine import LLMEngine
+from kvbridge.engine.engine import LLMEngine, in_passing_thread
 from kvbridge.engine.request import FinishReason, RequestError, SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -152,3 +154,33 @@ def test_bad_requests_are_refused_with_a_reason(engine):
         engine.add_request("v", [10**9], GREEDY)
     with pytest.raises(RequestError, match="max_tokens"):
         SamplingParams(max_tokens=0)
+
+
+# Builds an engine in a fresh process, then runs parallel torch work in the same thread and
+# prints how many threads that added: 1 (libgomp's new worker) if the thread had no OpenMP
+# team yet, 0 if loading left one behind.
+OPENMP_PROBE = """
+import os, torch
+from kvbridge.config import EngineConfig
+from kvbridge.engine.engine import LLMEngine
+LLMEngine(EngineConfig(num_threads=2, num_kv_blocks=64))
+before = len(os.listdir("/proc/self/task"))
+torch.ones(1 << 24).sum()
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+def test_loading_leaves_no_openmp_team_in_the_calling_thread():
+    """AsyncEngine steps in its own thread; a second OpenMP team (the loader's) made libgomp stop
+    spinning between parallel regions on 2 cores, and decode steps ran 1.5-2x slower."""
+    out = subprocess.run([sys.executable, "-c", OPENMP_PROBE], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "1"
+
+
+def test_in_passing_thread_returns_and_raises_in_the_caller():
+    assert in_passing_thread(lambda: 41 + 1) == 42
+    from kvbridge.engine.model_files import WeightsError
+
+    with pytest.raises(WeightsError, match="model not found"):  # the loader's own error, raised here
+        LLMEngine(EngineConfig(model="/nonexistent/model.gguf"))
