@@ -48,7 +48,7 @@ def in_passing_thread(fn: Callable[[], T]) -> T:
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = e
 
-    t = threading.Thread(target=run, name="kvbridge-load")
+    t = threading.Thread(target=run, name="kvbridge-load", daemon=True)  # Ctrl-C during a load exits at once
     t.start()
     t.join()
     if "error" in box:
