@@ -92,20 +92,21 @@ def _build(spec: PeerSpec) -> tuple[Any, Any, Any]:
 
 
 def _apply_fault(t: Any, kv: Any, fault: str | None) -> None:
+    from kvbridge.transfer.integrity import RunChecksums
+
     if fault == "corrupt":
         # the sender computes checksums, then one byte of the first source block flips, as if
         # corrupted on the way: the receiver must refuse it. Backends that verify checksums
-        # compute them on the sender in ``_checksums(local_ids, remote_ids)``.
-        orig = type(t)._checksums
+        # compute them on the sender with ``_checksums(local_ids, remote_ids)``.
+        orig = t._checksums
 
-        def corrupt(self: Any, local: list[int], remote: list[int]) -> list[int]:
-            sums = orig(self, local, remote)
-            off = self.kv.layout.offset(0, local[0])
-            self.kv.as_bytes()[off] ^= 0xFF
-            t._checksums = orig.__get__(self)  # only once
+        def corrupt(local: list[int], remote: list[int]) -> list[int]:
+            sums = orig(local, remote)
+            t.kv.as_bytes()[t.kv.layout.offset(0, local[0])] ^= 0xFF
+            t._checksums = orig  # only once
             return sums
 
-        t._checksums = corrupt.__get__(t)
+        t._checksums = corrupt
     elif fault == "stall":
         # the sender's one-sided operation never completes
         t._post = lambda *a, **k: _Stalled()
@@ -122,7 +123,8 @@ def _apply_fault(t: Any, kv: Any, fault: str | None) -> None:
     elif fault is None:  # back to normal
         _Uncancellable.finished = False
         t.__dict__.pop("_post", None)
-        t.__dict__.pop("_checksums", None)
+        if not isinstance(t._checksums, RunChecksums):
+            t._checksums = RunChecksums(t.kv)
         if hasattr(t, "agent"):
             t.agent.__dict__.pop("check_xfer_state", None)
     else:

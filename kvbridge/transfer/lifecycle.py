@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,21 +42,11 @@ from kvbridge.transfer.base import (
     WriteDone,
     WriteStarted,
 )
+from kvbridge.transfer.integrity import RunChecksums
 
 LAYOUT = "layer_block"
 SPIN_AFTER_POST_S = 200e-6  # after posting our op, ``wait`` re-polls without sleeping this long
 HOT_S = 5e-3  # after a message or event, ``wait`` re-polls without sleeping this long
-
-
-def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
-    """Runs consecutive on both sides: [(src_first, dst_first, length), ...]."""
-    out: list[tuple[int, int, int]] = []
-    for s, d in zip(src, dst, strict=True):
-        if out and out[-1][0] + out[-1][2] == s and out[-1][1] + out[-1][2] == d:
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
-        else:
-            out.append((s, d, 1))
-    return out
 
 
 @dataclass
@@ -103,7 +92,7 @@ class LifecycleTransceiver(KVTransceiver):
         self._poll_at = self._prev_poll_at = 0.0  # when this poll and the one before it began
         self._woken = False  # wake() was called: wait() returns to the engine
         self._last_activity = 0.0  # last message or event
-        self._bytes_np = self.kv.as_bytes().numpy() if not self.kv.is_cuda else None
+        self._checksums = RunChecksums(self.kv)  # (local ids, remote ids) → crc32 per joint run
 
     def _make_info(self, model_id: str, backend: str, agent_metadata: bytes) -> PeerInfo:
         lay = self.kv.layout
@@ -245,23 +234,6 @@ class LifecycleTransceiver(KVTransceiver):
             self._notify(peer, BlocksReady(request_id=req.request_id, block_ids=req.block_ids, checksums=req.checksums))
 
     # ----------------------------------------------------------------- checksums
-    def _checksums(self, local: list[int], remote: list[int]) -> list[int]:
-        """crc32 per run (consecutive on both sides), over the run's span in every layer."""
-        lay = self.kv.layout
-        out = []
-        for s, _, n in runs(local, remote):
-            crc = 0
-            for layer in range(lay.num_layers):
-                off = lay.offset(layer, s)
-                crc = zlib.crc32(self._span(off, n * lay.block_bytes), crc)
-            out.append(crc)
-        return out
-
-    def _span(self, off: int, n: int) -> memoryview | bytes:
-        if self._bytes_np is not None:
-            return memoryview(self._bytes_np[off : off + n])
-        return self.kv.as_bytes()[off : off + n].cpu().numpy().tobytes()  # CUDA: checksum on host
-
     def _verify_and_finish(self, req: _Req, checksums: list[int], src_ids: list[int]) -> None:
         if checksums:
             mine = self._checksums(req.block_ids, src_ids)

@@ -11,7 +11,7 @@ A transfer of block ids ``src → dst`` is ``make_prepped_xfer`` with the indice
 (layer, block) in layer-major order. Runs of ids consecutive on *both* sides are adjacent
 in memory on both sides, and NIXL merges adjacent descriptors of a prepared transfer into
 one: a run costs one descriptor per layer (checked with NIXL's telemetry: 4+2 scattered
-blocks on one layer → 2 descriptors). ``runs()`` computes the same runs for checksums.
+blocks on one layer → 2 descriptors). ``integrity.runs()`` computes the same runs for checksums.
 
 Messages ride NIXL notifications (``send_notif``, and the notification attached to the
 WRITE in push, delivered only after the data). Liveness rides the bootstrap TCP connection.
@@ -47,9 +47,9 @@ from kvbridge.transfer.base import (
     encode,
     record,
 )
-from kvbridge.transfer.lifecycle import LAYOUT, LifecycleTransceiver, _Req, runs
+from kvbridge.transfer.lifecycle import LAYOUT, LifecycleTransceiver, _Req
 
-__all__ = ["LAYOUT", "NixlTransceiver", "runs"]
+__all__ = ["LAYOUT", "NixlTransceiver"]
 
 log = logging.getLogger("kvbridge.transfer.nixl")
 

@@ -63,7 +63,8 @@ from kvbridge.transfer.base import (
     encode,
     record,
 )
-from kvbridge.transfer.lifecycle import LAYOUT, LifecycleTransceiver, _Req, runs
+from kvbridge.transfer.integrity import runs
+from kvbridge.transfer.lifecycle import LAYOUT, LifecycleTransceiver, _Req
 from kvbridge.transfer.ucp import (
     _MEMORY_TYPE_CUDA,
     _MEMORY_TYPE_HOST,

@@ -7,7 +7,7 @@ import pytest
 
 from kvbridge.transfer import base
 from kvbridge.transfer.handshake import compare
-from kvbridge.transfer.nixl import runs
+from kvbridge.transfer.integrity import runs
 
 
 def info(**over) -> base.PeerInfo:
