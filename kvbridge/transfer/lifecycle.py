@@ -11,12 +11,13 @@ late messages for requests already gone.
 implements the transport hooks: ``_post`` (start a WRITE/READ), ``_notify`` (send a
 control message), ``_xfer_state``/``_release`` (check/cancel an operation of ours),
 ``_xfer_completed``/``_xfer_failed`` (what a finished operation means to the transport),
-plus ``poll``, ``wait``, ``close`` and the peer set-up.
+``_sleep`` (an idle ``wait``'s sleep), plus ``poll``, ``close`` and the peer set-up.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class LifecycleTransceiver(KVTransceiver):
         self._accepted: list[PeerInfo] = []  # from the bootstrap thread (list.append is atomic)
         self._lost: list[str] = []
         self._broken: str | None = None
+        self._closed = False
         self._own_op_since = 0.0  # when we last posted a one-sided op
         self._poll_at = self._prev_poll_at = 0.0  # when this poll and the one before it began
         self._woken = False  # wake() was called: wait() returns to the engine
@@ -428,6 +430,31 @@ class LifecycleTransceiver(KVTransceiver):
         self._drop_peer(name, p)
 
     # ----------------------------------------------------------------- waiting
+    def wait(self, timeout_s: float, min_events: int = 1) -> list[TransferEvent]:
+        """Poll until ``min_events`` events, ``timeout_s``, ``wake()`` or close. While
+        something is due within microseconds (``_due_soon``) re-poll at once, yielding the
+        core; otherwise sleep in the backend's ``_sleep``, which news for us ends early."""
+        deadline = time.monotonic() + timeout_s
+        events: list[TransferEvent] = []
+        while True:
+            self._arm_sleep()
+            events.extend(self.poll())
+            now = time.monotonic()
+            left = deadline - now
+            if len(events) >= min_events or left <= 0 or self._closed or self._take_wake():
+                return events
+            if self._due_soon(now):
+                os.sched_yield()  # releases the GIL too; time.sleep(0) would sleep ~50 µs (timer slack)
+                continue
+            self._sleep(left)
+
+    def _arm_sleep(self) -> None:
+        """Before each poll in ``wait``: news that arrives from now on ends the next ``_sleep``."""
+
+    def _sleep(self, left: float) -> None:
+        """Sleep until news for us, or ``left`` seconds at most (a backend may cap it)."""
+        raise NotImplementedError
+
     def wake(self) -> None:
         self._woken = True  # each backend's wait() checks it between polls (_take_wake)
 
@@ -437,16 +464,14 @@ class LifecycleTransceiver(KVTransceiver):
         return woken
 
     def _due_soon(self, now: float) -> bool:
-        """Whether the next event is expected within microseconds, so that ``wait`` should
-        re-poll at once (yielding the core) instead of sleeping: a sleep, even of 50 µs,
-        costs 60-110 µs on a small VM (timer slack, a context switch), once or twice per
-        request. It is: our own operation is in flight or was just posted; the peer's
-        operation on our blocks runs (its WRITE into them in push, its READ of them in
-        pull: its completion message follows the copy, and a sleeping target also slows a
-        CMA copy into it by up to 30%), for as long as the copy should take at 2 GB/s plus
-        1 ms (a peer busy with an engine step answers later, and wakes us then); or there
-        was traffic in the last ``HOT_S`` (back-to-back requests). The spin is bounded and
-        happens only in ``wait``, which the engine calls when it has nothing to compute."""
+        """Whether the next event is expected within microseconds, so that ``wait`` re-polls
+        at once instead of sleeping (a sleep, even of 50 µs, costs 60-110 µs on a small VM,
+        once or twice per request). It is: our own operation is in flight or just posted;
+        the peer's operation on our blocks runs (its WRITE in push, its READ in pull: its
+        message follows the copy, and a sleeping target slows a CMA copy into it by up to
+        30%), for as long as the copy should take at 2 GB/s plus 1 ms (a peer busy with an
+        engine step wakes us later); or there was traffic in the last ``HOT_S``. The spin is
+        bounded and happens only in ``wait``, when the engine has nothing to compute."""
         if now - self._last_activity < HOT_S or now - self._own_op_since < SPIN_AFTER_POST_S:
             return True
         per_block = self.kv.layout.num_layers * self.kv.layout.block_bytes

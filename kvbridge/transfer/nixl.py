@@ -350,31 +350,13 @@ class NixlTransceiver(LifecycleTransceiver):
         log.info("UCX transports to peer %s (%s%s): %s", peer, p.info.bootstrap, f", {where}" if where else "", summary)
         self.last_transports = summary
 
-    def wait(self, timeout_s: float, min_events: int = 1) -> list[TransferEvent]:
-        """Poll until ``min_events`` events or ``timeout_s``. While something is due within
-        microseconds (lifecycle ``_due_soon``) it re-polls at once, yielding the core;
-        otherwise it sleeps on an event set by the bootstrap thread when a peer nudges us
-        (a message for us arrived) or a peer connects or goes, or by ``wake()`` (then it
-        returns), re-polling every ``_IDLE_POLL_S`` at most, so an idle wait costs no CPU."""
-        deadline = time.monotonic() + timeout_s
-        events: list[TransferEvent] = []
-        while True:
-            self._wake.clear()
-            got = self.poll()
-            if got:
-                events.extend(got)
-                if len(events) >= min_events:
-                    return events
-            now = time.monotonic()
-            left = deadline - now
-            if left <= 0:
-                return events
-            if self._take_wake():  # the engine has something to do
-                return events
-            if self._due_soon(now):
-                os.sched_yield()  # releases the GIL too; time.sleep(0) would sleep ~50 µs (timer slack)
-                continue
-            self._wake.wait(min(left, _IDLE_POLL_S))
+    def _arm_sleep(self) -> None:
+        self._wake.clear()
+
+    def _sleep(self, left: float) -> None:
+        """On the event set by the bootstrap thread when a peer nudges us (a message for us
+        arrived) or a peer connects or goes, or by ``wake()``; ``_IDLE_POLL_S`` at most."""
+        self._wake.wait(min(left, _IDLE_POLL_S))
 
     def close(self) -> None:
         if getattr(self, "_closed", False):

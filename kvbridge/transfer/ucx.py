@@ -165,7 +165,6 @@ class UcxTransceiver(LifecycleTransceiver):
         self._sends: list[tuple[Any, bytearray, str]] = []  # in-flight messages (request, buffer, peer)
         self._recvs: list[tuple[Any, bytearray, int]] = []  # probed messages being received
         self._recvs_count = self._recvs_seen = 0  # messages probed, and as of the last poll
-        self._closed = False
         self._server = handshake.BootstrapServer(
             host, port, config.shared_token, lambda: self._info, self._accepted.append, self._lost.append
         )
@@ -394,27 +393,12 @@ class UcxTransceiver(LifecycleTransceiver):
             record(self.metrics_label, ev)
         return out
 
-    def wait(self, timeout_s: float, min_events: int = 1) -> list[TransferEvent]:
-        """Poll until ``min_events`` events arrived or ``timeout_s`` passed. While something
-        is due within microseconds (lifecycle ``_due_soon``) re-poll at once, yielding the
-        core; otherwise sleep in ``epoll_wait`` on the worker's event fd (UCX wakes it when
-        a message arrives), at most 2 ms so the bootstrap thread's news is seen soon."""
-        deadline = time.monotonic() + timeout_s
-        events: list[TransferEvent] = []
-        while True:
-            events.extend(self.poll())
-            now = time.monotonic()
-            left = deadline - now
-            if len(events) >= min_events or left <= 0 or self._closed:
-                return events
-            if self._take_wake():  # the engine has something to do (this sleeps <= 2 ms at a time)
-                return events
-            if self._due_soon(now):
-                os.sched_yield()  # releases the GIL too; time.sleep(0) would sleep ~50 µs (timer slack)
-                continue
-            # sleeps only while UCX has nothing to do: ucp_worker_arm refuses (BUSY) while
-            # copies of ours are pending, so this returns at once and polls again
-            self.worker.progress_worker_event(max(1, min(2, int(left * 1000))))
+    def _sleep(self, left: float) -> None:
+        """In ``epoll_wait`` on the worker's event fd (UCX wakes it when a message arrives),
+        2 ms at most so the bootstrap thread's news and ``wake()`` are seen soon. It sleeps
+        only while UCX has nothing to do: ucp_worker_arm refuses (BUSY) while copies of ours
+        are pending, so this returns at once and ``wait`` polls again."""
+        self.worker.progress_worker_event(max(1, min(2, int(left * 1000))))
 
     # ----------------------------------------------------------------- reporting
     def _log_transports(self, peer: str | None) -> None:
