@@ -202,6 +202,17 @@ def nats_objects(cfg: ClusterConfig) -> list[Obj]:
 # --------------------------------------------------------------------------- frontend
 
 
+def engine_mount() -> Obj:
+    """Where workers and the frontend read the engine config (a fresh dict: YAML would
+    write a shared one as an anchor and aliases)."""
+    return {"name": "engine-config", "mountPath": ENGINE_DIR, "readOnly": True}
+
+
+def engine_volume(cfg: ClusterConfig) -> Obj:
+    """The engine ConfigMap as a pod volume (see ``engine_mount``)."""
+    return {"name": "engine-config", "configMap": {"name": f"{cfg.name}-engine"}}
+
+
 def frontend_objects(cfg: ClusterConfig) -> list[Obj]:
     fe = cfg.frontend
     name = f"{cfg.name}-frontend"
@@ -225,7 +236,7 @@ def frontend_objects(cfg: ClusterConfig) -> list[Obj]:
         ],
         "ports": [{"name": "http", "containerPort": fe.port}],
         "resources": {"requests": {"cpu": fe.cpu, "memory": fe.memory}, "limits": {"memory": fe.memory}},
-        "volumeMounts": [{"name": "engine-config", "mountPath": ENGINE_DIR, "readOnly": True}],
+        "volumeMounts": [engine_mount()],
         **_probes(fe.port, startup=False),
     }
     if fe.env:
@@ -241,7 +252,7 @@ def frontend_objects(cfg: ClusterConfig) -> list[Obj]:
                 "metadata": {"labels": labels(cfg, "frontend")},
                 "spec": {
                     "containers": [container],
-                    "volumes": [{"name": "engine-config", "configMap": {"name": f"{cfg.name}-engine"}}],
+                    "volumes": [engine_volume(cfg)],
                 },
             },
         },
@@ -295,13 +306,13 @@ def worker_pod_spec(
         "ports": [{"name": "http", "containerPort": cfg.worker_port}],
         "env": [*(extra_env or []), *_env_list(w.env)],
         "resources": {"requests": requests, "limits": limits},
-        "volumeMounts": [{"name": "engine-config", "mountPath": ENGINE_DIR, "readOnly": True}],
+        "volumeMounts": [engine_mount()],
         **_probes("http", startup=True),
     }
     pod: Obj = {
         "containers": [container],
         "terminationGracePeriodSeconds": 60,  # let in-flight transfers finish or release their blocks
-        "volumes": [{"name": "engine-config", "configMap": {"name": f"{cfg.name}-engine"}}],
+        "volumes": [engine_volume(cfg)],
     }
     if w.shm_size:
         pod["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": w.shm_size}})
