@@ -67,6 +67,8 @@ class _Req:
     need_ack: bool = False  # waiting for the peer's AbortAck before the blocks are safe
     ack_to: str | None = None  # the peer that aborted: answer AbortAck once we are safe
     num_bytes: int = 0
+    prepared: Any = None  # ``_prepare`` of our ids (pull receiver)
+    peer_prepared: Any = None  # ``_prepare`` of the peer's ids (push sender)
     landed_after: float = 0.0  # push receiver: WriteDone arrived after this (the poll before the one that took it)
 
 
@@ -83,7 +85,7 @@ class LifecycleTransceiver(KVTransceiver):
         self._peers: dict[str, Any] = {}
         self._reqs: dict[str, _Req] = {}
         self._active: set[str] = set()  # requests a poll must look at (timer running, op in flight, ending)
-        self._asked: dict[str, tuple[str, list[int]]] = {}  # rid → (peer, dst ids) before send()
+        self._asked: dict[str, tuple[str, list[int], Any]] = {}  # rid → (peer, dst ids, prepared) before send()
         self._tombstones: OrderedDict[str, FailureCause] = OrderedDict()  # rids ended early, for late messages
         self._events: list[TransferEvent] = []
         self._accepted: list[PeerInfo] = []  # from the bootstrap thread (list.append is atomic)
@@ -149,6 +151,10 @@ class LifecycleTransceiver(KVTransceiver):
         """Push: announce and post the WRITE of ``req`` into ``dst`` on ``peer``."""
         raise NotImplementedError
 
+    def _prepare(self, block_ids: list[int], peer: str | None) -> Any:
+        """What ``_post`` needs of ``block_ids`` (ours, or ``peer``'s), made once they are known,
+        not after the prefill step: ``_post`` finds it in ``req.prepared``/``req.peer_prepared``."""
+
     def _write_complete(self, req: _Req) -> None:
         """Push, sender: our WRITE completed (before the DONE event)."""
 
@@ -200,6 +206,8 @@ class LifecycleTransceiver(KVTransceiver):
         self._check_new(request_id, block_ids)
         req = _Req(request_id, Role.RECEIVER, list(block_ids), peer=peer)
         self._reqs[request_id] = req
+        if self.mode is TransferMode.PULL:
+            req.prepared = self._prepare(req.block_ids, None)
         p = self._peers.get(peer)
         if p is None or not p.alive:
             self._end(req, FailureCause.PEER_DEAD, f"peer {peer} is not connected")
@@ -219,8 +227,8 @@ class LifecycleTransceiver(KVTransceiver):
         if request_id in self._asked:
             self._start_send(req, *self._asked.pop(request_id))
 
-    def _start_send(self, req: _Req, peer: str, dst: list[int]) -> None:
-        req.peer, req.peer_block_ids = peer, dst
+    def _start_send(self, req: _Req, peer: str, dst: list[int], prepared: Any = None) -> None:
+        req.peer, req.peer_block_ids, req.peer_prepared = peer, dst, prepared
         if len(dst) != len(req.block_ids):
             self._end(req, FailureCause.BACKEND, f"receiver reserved {len(dst)} blocks, sender has {len(req.block_ids)}")
             return
@@ -300,7 +308,8 @@ class LifecycleTransceiver(KVTransceiver):
             elif msg.request_id in self._tombstones:  # we already gave up on it: say so
                 self._notify(sender, Abort(request_id=msg.request_id, cause=self._tombstones[msg.request_id].value))
             else:
-                self._asked[msg.request_id] = (sender, list(msg.block_ids))
+                prepared = self._prepare(msg.block_ids, sender) if self.mode is TransferMode.PUSH else None
+                self._asked[msg.request_id] = (sender, list(msg.block_ids), prepared)
         elif isinstance(msg, WriteStarted):
             if req is not None and req.started is None:
                 req.started = time.monotonic()
@@ -419,7 +428,7 @@ class LifecycleTransceiver(KVTransceiver):
             return
         p.alive = False
         self._log.warning("kv transfer peer %s (%s) is gone", name, p.info.bootstrap)
-        for rid, (peer, _) in list(self._asked.items()):
+        for rid, (peer, _, _) in list(self._asked.items()):
             if peer == name:
                 del self._asked[rid]
         for req in list(self._reqs.values()):

@@ -72,3 +72,27 @@ def test_push_receiver_taking_both_messages_in_one_poll_counts_no_step(clock):
     t._on_msg("prefill", WriteDone(request_id="r2", checksums=[], block_ids=[]))
     (ev,) = t.poll()
     assert ev.ok and ev.seconds == pytest.approx(0.0)
+
+
+def test_nudges_only_a_peer_that_had_no_message_for_a_while(monkeypatch):
+    """A peer polls quickly for HOT_S after each message it takes: a message sent within
+    NUDGE_EVERY_S of the one before needs no wake-up byte, however long the traffic runs."""
+    from kvbridge.transfer import handshake
+
+    assert handshake.NUDGE_EVERY_S < lifecycle.HOT_S
+    now = [50.0]
+    monkeypatch.setattr(handshake, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    server = handshake.BootstrapServer("127.0.0.1", 0, "", lambda: None, lambda _: None, lambda _: None)
+    sent: list[bytes] = []
+    server._socks["decode"] = SimpleNamespace(send=sent.append)
+    try:
+        step = handshake.NUDGE_EVERY_S * 0.75
+        for _ in range(10):  # back-to-back transfers, 10 messages: one wake-up
+            server.nudge("decode")
+            now[0] += step
+        assert sent == [b"!"]
+        now[0] += handshake.NUDGE_EVERY_S  # quiet for longer than that: the peer may sleep
+        server.nudge("decode")
+        assert sent == [b"!", b"!"]
+    finally:
+        server.close()
