@@ -20,6 +20,7 @@ from kvbridge.engine.block_pool import BlockPool
 from kvbridge.engine.kv_cache import TORCH_DTYPES, KVCache, KVLayout, num_blocks_for_memory
 from kvbridge.engine.model_runner import ModelRunner
 from kvbridge.engine.models.llama import LlamaModel, Rotary
+from kvbridge.engine.models.packed import pack_linears
 from kvbridge.engine.output import OutputState, emit, token_stop
 from kvbridge.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
 from kvbridge.engine.sampler import sample
@@ -104,6 +105,7 @@ class LLMEngine:
         if spec.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model.rope = Rotary(spec.head_dim, spec.rope_theta, self.max_model_len, device)
+        self.packed_linears = pack_linears(model, dtype, device)  # after tying: the head is packed apart
         self.model = model.eval()
         del weights
 
@@ -122,9 +124,10 @@ class LLMEngine:
         self.prefix_cache_hit_tokens = 0
         self.load_seconds = time.perf_counter() - t0
         log.info(
-            "engine ready: model=%s dtype=%s device=%s layers=%d kv_blocks=%d x %d tokens (%.0f MiB) threads=%d load=%.1fs",
+            "engine ready: model=%s dtype=%s device=%s layers=%d kv_blocks=%d x %d tokens (%.0f MiB) threads=%d "
+            "linear=%s load=%.1fs",
             self.model_name, self.dtype_name, device, spec.num_layers, num_blocks, config.block_size,
-            self.layout.total_bytes / 2**20, threads, self.load_seconds,
+            self.layout.total_bytes / 2**20, threads, "onednn-packed" if self.packed_linears else "torch", self.load_seconds,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ requests

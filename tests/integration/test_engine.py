@@ -84,6 +84,24 @@ def test_concurrent_prompts_give_the_tokens_each_gives_alone(engine, prompts):
     assert together == alone
 
 
+def test_bfloat16_packed_linear_layers_change_no_token(prompts, monkeypatch):
+    """bfloat16 on CPU: the oneDNN-packed linear layers (models/packed.py) give exactly the
+    tokens plain ``nn.Linear`` gives, for 8 prompts batched (prefill chunks and decode)."""
+    import kvbridge.engine.engine as engine_module
+    from kvbridge.engine.models.packed import packing_works
+
+    cfg = EngineConfig(dtype="bfloat16", kv_cache_memory_mb=128, max_num_batched_tokens=512)
+    packed = LLMEngine(cfg)
+    expected = 4 * packed.spec.num_layers + 1 if packing_works(torch.bfloat16) else 0  # q|k|v, o, gate|up, down; head
+    assert packed.packed_linears == expected
+    monkeypatch.setattr(engine_module, "pack_linears", lambda *args: 0)
+    plain = LLMEngine(cfg)
+    assert plain.packed_linears == 0
+    assert packed.generate(prompts, GREEDY) == plain.generate(prompts, GREEDY)
+    for e in (packed, plain):
+        assert e.block_pool.num_free == e.block_pool.num_blocks
+
+
 def test_prefix_cache_hit_gives_identical_tokens(engine, prompts):
     first = engine.generate([prompts[0]], GREEDY)[0]
     hits_before = engine.stats().prefix_cache_hit_tokens

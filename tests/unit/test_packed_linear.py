@@ -1,0 +1,47 @@
+"""oneDNN-packed linear layers (engine/models/packed.py): exact, or not used at all."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvbridge.engine.models.packed import PackedLinear, pack_linears, packing_works
+
+
+def _model(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 192, bias=True), nn.SiLU(), nn.Linear(192, 64, bias=False)).to(dtype)
+
+
+def test_float32_keeps_torch_linear_layers():
+    model = _model(torch.float32)
+    assert pack_linears(model, torch.float32, torch.device("cpu")) == 0
+    assert all(isinstance(m, nn.Linear) for m in (model[0], model[2]))
+
+
+def test_bfloat16_packed_layers_give_the_same_bits_or_are_not_used():
+    model = _model(torch.bfloat16)
+    x = torch.randn(37, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        before = model(x)
+    count = pack_linears(model, torch.bfloat16, torch.device("cpu"))
+    if packing_works(torch.bfloat16):
+        assert count == 2 and isinstance(model[0], PackedLinear) and isinstance(model[2], PackedLinear)
+    else:
+        assert count == 0 and isinstance(model[0], nn.Linear)
+    with torch.inference_mode():
+        for rows in (1, 8, 37):
+            assert torch.equal(model(x[:rows]), before[:rows])
+
+
+def test_packed_linear_keeps_leading_dimensions():
+    if not packing_works(torch.bfloat16):
+        assert pack_linears(_model(torch.bfloat16), torch.bfloat16, torch.device("cpu")) == 0
+        return
+    w, b = torch.randn(48, 32).to(torch.bfloat16), torch.randn(48).to(torch.bfloat16)
+    x = torch.randn(2, 5, 32).to(torch.bfloat16)
+    with torch.inference_mode():
+        y = PackedLinear(w, b)(x)
+    assert y.shape == (2, 5, 48)
+    assert torch.equal(y, F.linear(x, w, b))
