@@ -41,10 +41,14 @@ class Rotary:
         emb = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
         self.cos, self.sin = emb.cos(), emb.sin()
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, 1, hd) of a step's positions: once per step, shared by every layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # x: (T, heads, hd); rotate_half pairs dimension i with i + hd/2
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # (T, 1, hd)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        cos, sin = cos_sin
         x1, x2 = x.chunk(2, dim=-1)
         rotated = torch.cat((-x2, x1), dim=-1)
         return x * cos + rotated * sin
@@ -61,11 +65,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q, spec.hidden_size, bias=False)
         self.scale = self.hd**-0.5
 
-    def forward(self, x: torch.Tensor, rope: Rotary, kv_layer: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_layer: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = rope(q.view(T, self.nh, self.hd), batch.positions)  # (T, nh, hd)
-        k = rope(k.view(T, self.nkv, self.hd), batch.positions)  # (T, nkv, hd)
+        q = Rotary.apply(q.view(T, self.nh, self.hd), rope)  # (T, nh, hd)
+        k = Rotary.apply(k.view(T, self.nkv, self.hd), rope)  # (T, nkv, hd)
         v = v.view(T, self.nkv, self.hd)
         write_kv(kv_layer, k, v, batch)
         out = paged_attention(q, k, v, kv_layer, batch, self.scale)  # (T, nh, hd)
@@ -92,7 +96,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, x: torch.Tensor, rope: Rotary, kv_layer: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_layer: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), rope, kv_layer, batch)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -112,8 +116,9 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, kv_layers: list[torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
         """input_ids (T,) → logits (N, vocab) at ``batch.logits_indices`` (float32)."""
         x = self.embed_tokens(input_ids)  # (T, D)
+        rope = self.rope.tables(batch.positions, x.dtype)
         for layer, kv_layer in zip(self.layers, kv_layers):
-            x = layer(x, self.rope, kv_layer, batch)
+            x = layer(x, rope, kv_layer, batch)
         x = self.norm(x[batch.logits_indices])  # (N, D)
         return self.lm_head(x).float()
 
