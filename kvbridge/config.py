@@ -19,6 +19,7 @@ Flags override the file. Environment variables are read here and nowhere else:
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import enum
 import importlib.util
@@ -81,13 +82,47 @@ def ucx_protocol_log() -> Path:
     """Ask UCX to print its protocol choices (UCX_PROTO_INFO=y) into a log file that the
     transceiver reads back to report the transports really in use (UCX_LOG_FILE). UCX reads
     both when libucs loads, so this runs before anything loads UCX. A UCX_LOG_FILE the user
-    set is kept; one inherited from a kvbridge parent process is replaced by our own."""
+    set is kept; one inherited from a kvbridge parent process is replaced by our own. Our own
+    file goes when the process exits, and those of processes that died are swept."""
     os.environ.setdefault("UCX_PROTO_INFO", "y")
     mine = str(Path(tempfile.gettempdir()) / f"kvbridge-ucx-{os.getpid()}.log")
     current = os.environ.get("UCX_LOG_FILE")
     if current is None or (re.search(r"kvbridge-ucx-\d+\.log$", current) and current != mine):
         os.environ["UCX_LOG_FILE"] = mine
+    if os.environ["UCX_LOG_FILE"] == mine and mine not in _OWN_UCX_LOGS:
+        _OWN_UCX_LOGS.add(mine)
+        atexit.register(Path(mine).unlink, missing_ok=True)
+        sweep_ucx_logs(Path(mine).parent)
     return Path(os.environ["UCX_LOG_FILE"])
+
+
+_OWN_UCX_LOGS: set[str] = set()
+
+
+def sweep_ucx_logs(folder: Path) -> int:
+    """Remove the ``kvbridge-ucx-<pid>.log`` files of processes that are gone (a killed
+    worker cannot remove its own); returns how many. A live pid's file is kept."""
+    removed = 0
+    for path in folder.glob("kvbridge-ucx-*.log"):
+        m = re.fullmatch(r"kvbridge-ucx-(\d+)\.log", path.name)
+        if m is None or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass  # another process's sweep, or not ours to remove
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
 
 
 def log_format_env() -> str:

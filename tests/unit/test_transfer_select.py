@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -114,3 +115,22 @@ def test_proto_info_parsing():
 """
     ops = probe.parse_proto_info(text)
     assert probe.summarize_transports(ops) == "rma write: cma/memory; am: tcp/lo"
+
+
+def test_ucx_logs_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
+    """Every process that may load UCX logs its protocol choices to kvbridge-ucx-<pid>.log
+    (read back to report the transports); a killed worker cannot remove its file, so the
+    next process removes those whose pid is gone."""
+    import subprocess
+    import sys
+
+    from kvbridge.config import sweep_ucx_logs
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = tmp_path / f"kvbridge-ucx-{int(gone.stdout)}.log"
+    live = tmp_path / f"kvbridge-ucx-{os.getppid()}.log"
+    other = tmp_path / "kvbridge-ucx-notes.log"
+    for path in (dead, live, other):
+        path.write_text("x")
+    assert sweep_ucx_logs(tmp_path) == 1
+    assert not dead.exists() and live.exists() and other.exists()
