@@ -340,6 +340,8 @@ class LifecycleTransceiver(KVTransceiver):
                 req.xfer = self._post("READ", req.block_ids, sender, req.peer_block_ids, b"", req)
             except TransferError as e:
                 self._end(req, e.cause, str(e))
+                return
+            self._progress(req, time.monotonic())  # a READ done in _post: ReadDone goes now
         elif isinstance(msg, ReadDone):
             if req is not None and req.role is Role.SENDER:
                 self._peer_transferred(sender)
