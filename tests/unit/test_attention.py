@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kvbridge.engine import attention
 from kvbridge.engine.attention import AttentionBatch, PrefillSeq, cache_rows, paged_attention, token_rows, write_kv
 
 NKV, G, HD, BS, NB = 2, 3, 8, 4, 32
@@ -19,8 +20,13 @@ def dense(q, k, v, first):
     return F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask).transpose(0, 1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_matches_dense(dtype):
+@pytest.mark.parametrize(
+    ("dtype", "score_elements"),
+    [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, 40)],  # 40: one query per chunk
+)
+def test_paged_attention_matches_dense(dtype, score_elements, monkeypatch):
+    if score_elements is not None:  # half precision chunks the queries of long prompts
+        monkeypatch.setattr(attention, "SCORE_ELEMENTS", score_elements)
     torch.manual_seed(0)
     kv_layer = torch.zeros(NB, 2, NKV, BS, HD, dtype=dtype)
     perm = torch.randperm(NB).tolist()
