@@ -149,9 +149,11 @@ class BootstrapServer:
         engine step after which it polls anyway. A wake-up costs a context switch (50 to
         250 µs on a busy 2-core machine): back-to-back transfers send none."""
         sock = self._socks.get(peer_name)
+        if sock is None:
+            return  # not watched (yet): no wake-up can go, so the next message must send one
         now = time.monotonic()
         last, self._nudged[peer_name] = self._nudged.get(peer_name, 0.0), now
-        if sock is not None and now - last >= NUDGE_EVERY_S:
+        if now - last >= NUDGE_EVERY_S:
             try:
                 sock.send(b"!")
             except (BlockingIOError, OSError):

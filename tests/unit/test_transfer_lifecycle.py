@@ -94,5 +94,10 @@ def test_nudges_only_a_peer_that_had_no_message_for_a_while(monkeypatch):
         now[0] += handshake.NUDGE_EVERY_S  # quiet for longer than that: the peer may sleep
         server.nudge("decode")
         assert sent == [b"!", b"!"]
+        server.nudge("prefill")  # no liveness connection yet: no wake-up went with this message
+        late: list[bytes] = []
+        server._socks["prefill"] = SimpleNamespace(send=late.append)
+        server.nudge("prefill")
+        assert late == [b"!"]
     finally:
         server.close()
