@@ -49,7 +49,7 @@ from kvbridge.transfer.base import (
 log = logging.getLogger("kvbridge.transfer.handshake")
 
 MAX_FRAME = 16 * 1024 * 1024
-NUDGE_EVERY_S = 4e-3  # must stay below the receiver's hot window (lifecycle.py HOT_S)
+NUDGE_EVERY_S = 4e-3  # must stay below the receiver's hot window (waiting.py HOT_S)
 
 
 def compare(mine: PeerInfo, theirs: PeerInfo) -> tuple[str, str] | None:
@@ -144,7 +144,7 @@ class BootstrapServer:
         """Wake the peer's ``wait()``: one byte on the liveness connection, after a message,
         so a waiting engine sleeps in ``select`` instead of polling. Only when no message
         went to that peer in the last ``NUDGE_EVERY_S``: a peer keeps polling quickly for
-        ``HOT_S`` (lifecycle.py, longer than this) after it takes a message, so a message
+        ``HOT_S`` (waiting.py, longer than this) after it takes a message, so a message
         sent within ``NUDGE_EVERY_S`` of the one before finds it polling, or busy in an
         engine step after which it polls anyway. A wake-up costs a context switch (50 to
         250 µs on a busy 2-core machine): back-to-back transfers send none."""

@@ -11,13 +11,12 @@ late messages for requests already gone.
 implements the transport hooks: ``_post`` (start a WRITE/READ), ``_notify`` (send a
 control message), ``_xfer_state``/``_release`` (check/cancel an operation of ours),
 ``_xfer_completed``/``_xfer_failed`` (what a finished operation means to the transport),
-``_sleep`` (an idle ``wait``'s sleep), plus ``poll``, ``close`` and the peer set-up.
+``_sleep`` (an idle ``wait``'s sleep, waiting.py), plus ``poll``, ``close`` and the peer set-up.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -44,10 +43,9 @@ from kvbridge.transfer.base import (
     WriteStarted,
 )
 from kvbridge.transfer.integrity import RunChecksums
+from kvbridge.transfer.waiting import WaitLoop
 
 LAYOUT = "layer_block"
-SPIN_AFTER_POST_S = 200e-6  # after posting our op, ``wait`` re-polls without sleeping this long
-HOT_S = 5e-3  # after a message or event, ``wait`` re-polls without sleeping this long
 
 
 @dataclass
@@ -72,7 +70,7 @@ class _Req:
     landed_after: float = 0.0  # push receiver: WriteDone arrived after this (the poll before the one that took it)
 
 
-class LifecycleTransceiver(KVTransceiver):
+class LifecycleTransceiver(WaitLoop, KVTransceiver):
     """Request bookkeeping and the message state machine shared by the backends."""
 
     _log = logging.getLogger("kvbridge.transfer.lifecycle")  # each backend sets its own
@@ -92,10 +90,8 @@ class LifecycleTransceiver(KVTransceiver):
         self._lost: list[str] = []
         self._broken: str | None = None
         self._closed = False
-        self._own_op_since = 0.0  # when we last posted a one-sided op
         self._poll_at = self._prev_poll_at = 0.0  # when this poll and the one before it began
-        self._woken = False  # wake() was called: wait() returns to the engine
-        self._last_activity = 0.0  # last message or event
+        self._init_waiting()
         self._checksums = RunChecksums(self.kv)  # (local ids, remote ids) → crc32 per joint run
 
     def _make_info(self, model_id: str, backend: str, agent_metadata: bytes) -> PeerInfo:
@@ -439,66 +435,6 @@ class LifecycleTransceiver(KVTransceiver):
                 self._end(req, FailureCause.PEER_DEAD, f"peer {name} died", tell_peer=False)
                 req.need_ack = False
         self._drop_peer(name, p)
-
-    # ----------------------------------------------------------------- waiting
-    def wait(self, timeout_s: float, min_events: int = 1) -> list[TransferEvent]:
-        """Poll until ``min_events`` events, ``timeout_s``, ``wake()`` or close. While
-        something is due within microseconds (``_due_soon``) re-poll at once, yielding the
-        core; otherwise sleep in the backend's ``_sleep``, which news for us ends early."""
-        deadline = time.monotonic() + timeout_s
-        events: list[TransferEvent] = []
-        while True:
-            self._arm_sleep()
-            events.extend(self.poll())
-            now = time.monotonic()
-            left = deadline - now
-            if len(events) >= min_events or left <= 0 or self._closed or self._take_wake():
-                return events
-            if self._due_soon(now):
-                os.sched_yield()  # releases the GIL too; time.sleep(0) would sleep ~50 µs (timer slack)
-                continue
-            self._sleep(left)
-
-    def _arm_sleep(self) -> None:
-        """Before each poll in ``wait``: news that arrives from now on ends the next ``_sleep``."""
-
-    def _sleep(self, left: float) -> None:
-        """Sleep until news for us, or ``left`` seconds at most (a backend may cap it)."""
-        raise NotImplementedError
-
-    def wake(self) -> None:
-        self._woken = True  # each backend's wait() checks it between polls (_take_wake)
-
-    def _take_wake(self) -> bool:
-        """Whether ``wake()`` was called since the last check (``wait`` then returns)."""
-        woken, self._woken = self._woken, False
-        return woken
-
-    def _due_soon(self, now: float) -> bool:
-        """Whether the next event is expected within microseconds, so that ``wait`` re-polls
-        at once instead of sleeping (a sleep, even of 50 µs, costs 60-110 µs on a small VM,
-        once or twice per request). It is: our own operation is in flight or just posted;
-        the peer's operation on our blocks runs (its WRITE in push, its READ in pull: its
-        message follows the copy, and a sleeping target slows a CMA copy into it by up to
-        30%), for as long as the copy should take at 2 GB/s plus 1 ms (a peer busy with an
-        engine step wakes us later); or there was traffic in the last ``HOT_S``. The spin is
-        bounded and happens only in ``wait``, when the engine has nothing to compute."""
-        if now - self._last_activity < HOT_S or now - self._own_op_since < SPIN_AFTER_POST_S:
-            return True
-        per_block = self.kv.layout.num_layers * self.kv.layout.block_bytes
-        for rid in self._active:
-            r = self._reqs.get(rid)
-            if r is None or r.ending is not None:
-                continue
-            if r.xfer is not None:
-                return True
-            if r.started is not None and (
-                (r.role is Role.RECEIVER and self.mode is TransferMode.PUSH)
-                or (r.role is Role.SENDER and self.mode is TransferMode.PULL and r.peer is not None)
-            ):
-                if now - r.started < len(r.block_ids) * per_block / 2e9 + 1e-3:
-                    return True
-        return False
 
     # ----------------------------------------------------------------- state
     @property

@@ -77,9 +77,9 @@ def test_push_receiver_taking_both_messages_in_one_poll_counts_no_step(clock):
 def test_nudges_only_a_peer_that_had_no_message_for_a_while(monkeypatch):
     """A peer polls quickly for HOT_S after each message it takes: a message sent within
     NUDGE_EVERY_S of the one before needs no wake-up byte, however long the traffic runs."""
-    from kvbridge.transfer import handshake
+    from kvbridge.transfer import handshake, waiting
 
-    assert handshake.NUDGE_EVERY_S < lifecycle.HOT_S
+    assert handshake.NUDGE_EVERY_S < waiting.HOT_S
     now = [50.0]
     monkeypatch.setattr(handshake, "time", SimpleNamespace(monotonic=lambda: now[0]))
     server = handshake.BootstrapServer("127.0.0.1", 0, "", lambda: None, lambda _: None, lambda _: None)
