@@ -283,18 +283,17 @@ def run(sizes: list[int], modes: list[str], backends: list[str], budget_bytes: i
     for mode in modes:
         op = "WRITE" if mode == "push" else "READ"
         for backend in backends:
-            base = _pair("nixl", mode, num_blocks)  # the bare NIXL baseline (and the NIXL transceiver)
-            pair = base if backend == "nixl" else None
+            base = pair = _pair("nixl", mode, num_blocks)  # the bare NIXL baseline (and the NIXL transceiver)
             try:
-                pair = pair or _pair(backend, mode, num_blocks)
+                if backend != "nixl":
+                    pair = _pair(backend, mode, num_blocks)
+                    _trx(base[1], base[0], f"meet-{mode}-{backend}", 1, 1)  # the base pair's prefill takes its peer in
                 prefill, decode = pair
                 init, target = (base[0], base[1]) if mode == "push" else (base[1], base[0])
                 for size in sizes:
                     nb, iters = size // REQ_UNIT, _iters(size, budget_bytes)
                     key = f"{mode}-{backend}-{size}"
                     _trx(decode, prefill, f"w-{key}", nb, 3)  # warm-up
-                    if base is not pair:
-                        _trx(base[1], base[0], f"wb-{key}", nb, 3)  # the base pair's peers meet
                     _both(init, ("bare_init", op, nb, 3), target, ("bare_target", 3))
                     trx_s = bare_s = float("inf")
                     for r in range(rounds):
@@ -307,7 +306,7 @@ def run(sizes: list[int], modes: list[str], backends: list[str], budget_bytes: i
                     rows.append(row)
                     print(_fmt(row), flush=True)
             finally:
-                for proc in {*base, *(pair or ())}:
+                for proc in {*base, *pair}:
                     proc.stop()
     return rows
 

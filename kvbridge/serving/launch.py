@@ -254,9 +254,10 @@ def plan_cpus(
 
 def worker_env(env: dict[str, str], shares_cores: bool) -> dict[str, str]:
     """A worker that shares its cores with other workers waits passively at OpenMP barriers:
-    libgomp's default spins up to a few ms after each parallel region, and on cores shared with the decode worker that spinning took the
-    decode worker's CPU (2 cores: chat requests/s 1.3-1.5 passive, 0.9 spinning). A worker
-    with cores of its own keeps the default. OMP_WAIT_POLICY set by the user wins."""
+    libgomp's default spins up to a few ms after each parallel region, and on cores shared
+    with the decode worker that spinning took the decode worker's CPU (2 cores: chat
+    requests/s 1.3-1.5 passive, 0.9 spinning). A worker with cores of its own keeps the
+    default. OMP_WAIT_POLICY set by the user wins."""
     if not shares_cores or "OMP_WAIT_POLICY" in env:
         return env
     return {**env, "OMP_WAIT_POLICY": "PASSIVE"}

@@ -50,6 +50,7 @@ until an event arrives or a deadline passes, sleeping between polls (never spinn
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -255,19 +256,19 @@ TRANSFER_SECONDS = Histogram(
 TRANSFER_FAILURES = Counter("kvbridge_kv_transfer_failures", "Failed KV transfers by cause", ["backend", "role", "cause"])
 
 
-_OK_CHILDREN: dict[tuple[str, str], tuple[Any, Any]] = {}  # (backend, role) → (bytes, seconds)
+@functools.cache
+def _ok_metrics(backend: str, role: str) -> tuple[Any, Any]:
+    """The labelled (bytes, seconds) children, looked up once: on a transfer's critical path
+    right after a large copy, ``labels()`` each time doubled ``record``'s cost (~8 → 18 µs)."""
+    return BYTES_MOVED.labels(backend, role), TRANSFER_SECONDS.labels(backend, role)
 
 
 def record(backend: str, ev: TransferEvent) -> None:
-    """Count a finished transfer (on the transfer's critical path: the labelled children
-    are looked up once, which halves the cost right after a large copy, ~18 → 8 µs)."""
+    """Count a finished transfer."""
     if ev.ok:
-        key = (backend, ev.role.value)
-        children = _OK_CHILDREN.get(key)
-        if children is None:
-            children = _OK_CHILDREN[key] = (BYTES_MOVED.labels(*key), TRANSFER_SECONDS.labels(*key))
-        children[0].inc(ev.num_bytes)
-        children[1].observe(ev.seconds)
+        moved, seconds = _ok_metrics(backend, ev.role.value)
+        moved.inc(ev.num_bytes)
+        seconds.observe(ev.seconds)
     else:
         TRANSFER_FAILURES.labels(backend, ev.role.value, ev.cause.value if ev.cause else "unknown").inc()
 
