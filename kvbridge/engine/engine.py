@@ -124,10 +124,10 @@ class LLMEngine:
         self.prefix_cache_hit_tokens = 0
         self.load_seconds = time.perf_counter() - t0
         log.info(
-            "engine ready: model=%s dtype=%s device=%s layers=%d kv_blocks=%d x %d tokens (%.0f MiB) threads=%d "
+            "engine ready: model=%s dtype=%s device=%s layers=%d kv_blocks=%d x %d tokens (%.0f MiB%s) threads=%d "
             "linear=%s load=%.1fs",
             self.model_name, self.dtype_name, device, spec.num_layers, num_blocks, config.block_size,
-            self.layout.total_bytes / 2**20, threads, "onednn-packed" if self.packed_linears else "torch", self.load_seconds,
+            self.layout.total_bytes / 2**20, ", huge pages" if self.kv_cache.huge_pages else "", threads, "onednn-packed" if self.packed_linears else "torch", self.load_seconds,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ requests

@@ -12,14 +12,22 @@ so block ``b`` of layer ``l`` is one contiguous span of ``block_bytes`` bytes at
 and a run of consecutive block ids of one layer is one contiguous span too: a transfer
 layer registers the region once and describes any set of blocks as one descriptor per
 (layer, run of consecutive ids).
+
+On CPU the region is an anonymous mapping, 2 MiB aligned and advised for transparent huge
+pages (where the kernel offers them: THP ``madvise`` or ``always``): a KV transfer copies
+across processes page by page, and with 2 MiB pages a 16 MiB transfer over UCX's cma ran
+1.5x faster on this project's test machine (see docs/tuning.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 from dataclasses import asdict, dataclass
 
 import torch
+
+HUGE_PAGE = 2 << 20
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,7 +90,12 @@ class KVCache:
         self.layout = layout
         self.device = torch.device(device)
         shape = (layout.num_layers, layout.num_blocks, 2, layout.num_kv_heads, layout.block_size, layout.head_dim)
-        self.storage = torch.zeros(shape, dtype=layout.torch_dtype, device=self.device)
+        if self.device.type == "cpu":
+            self.huge_pages, region = host_region(layout.total_bytes)
+            self.storage = region.view(layout.torch_dtype).view(shape)
+        else:
+            self.huge_pages = False
+            self.storage = torch.zeros(shape, dtype=layout.torch_dtype, device=self.device)
         self.layers = list(self.storage.unbind(0))
 
     @property
@@ -104,6 +117,25 @@ class KVCache:
     def block_bytes_view(self, layer: int, block: int) -> torch.Tensor:
         start = self.layout.offset(layer, block)
         return self.as_bytes()[start : start + self.layout.block_bytes]
+
+
+def host_region(nbytes: int) -> tuple[bool, torch.Tensor]:
+    """``nbytes`` of zeroed host memory as a uint8 tensor, 2 MiB aligned, on transparent huge
+    pages when the kernel grants the advice; (advice taken, tensor). The tensor keeps the
+    mapping alive; its pages are touched here, so they are in place before any transfer."""
+    mm = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared would be shmem: no THP
+    raw = torch.frombuffer(mm, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE  # the mapping is page aligned: so is ``start``
+    advised = False
+    if hasattr(mmap, "MADV_HUGEPAGE") and nbytes >= HUGE_PAGE:
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE, start, nbytes - nbytes % HUGE_PAGE)
+            advised = True
+        except OSError:  # THP off ("never") or not built in: small pages
+            pass
+    region = raw[start : start + nbytes]
+    region.zero_()  # fault every page in now (as huge pages where advised), not during a transfer
+    return advised, region
 
 
 def coalesce_runs(block_ids: list[int]) -> list[tuple[int, int]]:
