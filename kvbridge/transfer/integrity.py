@@ -11,18 +11,40 @@ from __future__ import annotations
 
 import zlib
 
+import numpy as np
+
 from kvbridge.engine.kv_cache import KVCache
+
+_WALK_MAX = 64  # ids: up to this many, walking the pairs beats numpy's fixed cost
 
 
 def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
-    """Runs consecutive on both sides: [(src_first, dst_first, length), ...]."""
-    out: list[tuple[int, int, int]] = []
-    for s, d in zip(src, dst, strict=True):
-        if out and out[-1][0] + out[-1][2] == s and out[-1][1] + out[-1][2] == d:
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
-        else:
-            out.append((s, d, 1))
-    return out
+    """Runs consecutive on both sides: [(src_first, dst_first, length), ...], in order.
+    It is on a transfer's critical path, right after a copy that left the caches cold:
+    there a Python walk costs ~0.3 µs per id (a 16 MiB transfer has 256) and numpy's ten
+    calls ~80 µs in all, so short lists are walked and long ones go to numpy."""
+    n = len(src)
+    if len(dst) != n:
+        raise ValueError(f"runs: {n} source ids, {len(dst)} destination ids")
+    if n <= _WALK_MAX:
+        out: list[tuple[int, int, int]] = []
+        for s_id, d_id in zip(src, dst, strict=True):
+            if out and out[-1][0] + out[-1][2] == s_id and out[-1][1] + out[-1][2] == d_id:
+                out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+            else:
+                out.append((s_id, d_id, 1))
+        return out
+    s, d = np.fromiter(src, np.int64, n), np.fromiter(dst, np.int64, n)
+    breaks = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
+    starts = np.concatenate(([0], breaks))
+    lengths = np.diff(np.concatenate((starts, [n])))
+    return list(zip(s[starts].tolist(), d[starts].tolist(), lengths.tolist(), strict=True))
+
+
+def runs_in_range(spans: list[tuple[int, int, int]], src_blocks: int, dst_blocks: int) -> bool:
+    """Whether every id of ``spans`` is a block of its side (a run is consecutive ids, so
+    its ends say it)."""
+    return all(s >= 0 and d >= 0 and s + n <= src_blocks and d + n <= dst_blocks for s, d, n in spans)
 
 
 class RunChecksums:

@@ -63,7 +63,7 @@ from kvbridge.transfer.base import (
     encode,
     record,
 )
-from kvbridge.transfer.integrity import runs
+from kvbridge.transfer.integrity import runs, runs_in_range
 from kvbridge.transfer.lifecycle import LAYOUT, LifecycleTransceiver, _Req
 from kvbridge.transfer.ucp import (
     _MEMORY_TYPE_CUDA,
@@ -244,14 +244,14 @@ class UcxTransceiver(LifecycleTransceiver):
         lay = self.kv.layout
         bb = lay.block_bytes
         base, rbase, rnb = self.kv.base_address, p.info.region_bases[0], p.info.num_blocks
+        spans = runs(local_ids, remote_ids)
         # a PUT/GET is not bounded by the region (cma reaches the whole process): check ids
-        if any(not 0 <= b < lay.num_blocks for b in local_ids) or any(not 0 <= b < rnb for b in remote_ids):
+        if not runs_in_range(spans, lay.num_blocks, rnb):
             raise TransferError(FailureCause.BACKEND, f"block ids out of range (this side {lay.num_blocks} blocks, peer {rnb})")
         fn = self._ucp.put_nbx if op == "WRITE" else self._ucp.get_nbx
         name = "ucp_put_nbx" if op == "WRITE" else "ucp_get_nbx"
         ep, rkey, param = p.ep.handle, p.rkey, ctypes.byref(self._op_param)
         x = _Xfer(self._ucp, ep)
-        spans = runs(local_ids, remote_ids)
         for layer in range(lay.num_layers):
             for s, d, n in spans:
                 x.add(fn(ep, base + lay.offset(layer, s), n * bb, rbase + (layer * rnb + d) * bb, rkey, param), name)

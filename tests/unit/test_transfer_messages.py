@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import msgspec
 import pytest
 
@@ -60,6 +62,25 @@ def test_runs_must_be_consecutive_on_both_sides():
     assert runs([0, 1, 2, 3], [8, 9, 10, 11]) == [(0, 8, 4)]
     assert runs([0, 1, 2, 5], [8, 9, 3, 4]) == [(0, 8, 2), (2, 3, 1), (5, 4, 1)]
     assert runs([], []) == []
+    assert runs([4, 5, 7, 8], [0, 1, 2, 3]) == [(4, 0, 2), (7, 2, 2)]
+    with pytest.raises(ValueError):
+        runs([0, 1], [0])
+
+
+def test_runs_match_their_definition_for_short_and_long_lists():
+    def by_breaks(src, dst):  # a run ends where either side stops counting up by one
+        n = len(src)
+        ends = [i for i in range(1, n) if src[i] != src[i - 1] + 1 or dst[i] != dst[i - 1] + 1]
+        starts = [0, *ends]
+        return [(src[a], dst[a], b - a) for a, b in zip(starts, [*ends, n], strict=True)]
+
+    rng = random.Random(7)
+    for _ in range(500):
+        n = rng.randrange(1, 150)  # both sides of integrity._WALK_MAX
+        src = sorted(rng.sample(range(300), n)) if rng.random() < 0.5 else rng.sample(range(300), n)
+        start = rng.randrange(100)
+        dst = list(range(start, start + n)) if rng.random() < 0.4 else rng.sample(range(400), n)
+        assert runs(src, dst) == by_breaks(src, dst)
 
 
 def test_metrics_by_backend_and_cause():
@@ -74,3 +95,29 @@ def test_metrics_by_backend_and_cause():
     assert value("kvbridge_kv_transfer_bytes_total", backend="unit", role="receiver") == before + 4096
     assert value("kvbridge_kv_transfer_seconds_count", backend="unit", role="receiver") >= 1
     assert value("kvbridge_kv_transfer_failures_total", backend="unit", role="sender", cause="timeout") >= 1
+
+
+def test_transfer_time_histogram_is_cumulative_with_bounds_inclusive():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from kvbridge.transfer.stats import TransferStats
+
+    stats = TransferStats(buckets=(0.001, 0.01))
+    reg = CollectorRegistry()
+    reg.register(stats)
+    for seconds in (0.0005, 0.001, 0.002, 5.0):  # 0.001 is "≤ 0.001": the first bucket
+        stats.add("nixl", "sender", 1000, seconds)
+    stats.add("ucx", "receiver", 7, 0.5)
+
+    def value(name, **labels):
+        return reg.get_sample_value(name, labels)
+
+    assert value("kvbridge_kv_transfer_seconds_bucket", backend="nixl", role="sender", le="0.001") == 2
+    assert value("kvbridge_kv_transfer_seconds_bucket", backend="nixl", role="sender", le="0.01") == 3
+    assert value("kvbridge_kv_transfer_seconds_bucket", backend="nixl", role="sender", le="+Inf") == 4
+    assert value("kvbridge_kv_transfer_seconds_count", backend="nixl", role="sender") == 4
+    assert abs(value("kvbridge_kv_transfer_seconds_sum", backend="nixl", role="sender") - 5.0035) < 1e-9
+    assert value("kvbridge_kv_transfer_bytes_total", backend="nixl", role="sender") == 4000
+    assert value("kvbridge_kv_transfer_bytes_total", backend="ucx", role="receiver") == 7
+    text = generate_latest(reg).decode()
+    assert "# TYPE kvbridge_kv_transfer_seconds histogram" in text and "# TYPE kvbridge_kv_transfer_bytes_total counter" in text
