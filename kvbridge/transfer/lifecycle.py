@@ -65,7 +65,7 @@ class _Req:
     need_ack: bool = False  # waiting for the peer's AbortAck before the blocks are safe
     ack_to: str | None = None  # the peer that aborted: answer AbortAck once we are safe
     num_bytes: int = 0
-    prepared: Any = None  # ``_prepare`` of our ids (pull receiver)
+    prepared: Any = None  # ``_prepare`` of our ids (from ``_check_new``)
     peer_prepared: Any = None  # ``_prepare`` of the peer's ids (push sender)
     landed_after: float = 0.0  # push receiver: WriteDone arrived after this (the poll before the one that took it)
 
@@ -192,18 +192,20 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
         self._server.watch(sock, info.agent_name)
         return info.agent_name
 
-    def _check_new(self, request_id: str, block_ids: list[int]) -> None:
+    def _check_new(self, request_id: str, block_ids: list[int], own_op: bool) -> Any:
+        """Refuse a request id in use (ValueError); a backend checks the ids too and, when
+        our own op will move them (``own_op``: push sender, pull receiver), may return its
+        ``_prepare`` of them (``req.prepared``)."""
         if request_id in self._reqs:
             raise ValueError(f"request {request_id} is already being transferred")
+        return None
 
     # ----------------------------------------------------------------- decode side
     def receive(self, request_id: str, peer: str, block_ids: list[int]) -> None:
         # 1) the caller reserved block_ids; 2) tell the peer where to put the KV
-        self._check_new(request_id, block_ids)
-        req = _Req(request_id, Role.RECEIVER, list(block_ids), peer=peer)
+        prepared = self._check_new(request_id, block_ids, own_op=self.mode is TransferMode.PULL)
+        req = _Req(request_id, Role.RECEIVER, list(block_ids), peer=peer, prepared=prepared)
         self._reqs[request_id] = req
-        if self.mode is TransferMode.PULL:
-            req.prepared = self._prepare(req.block_ids, None)
         p = self._peers.get(peer)
         if p is None or not p.alive:
             self._end(req, FailureCause.PEER_DEAD, f"peer {peer} is not connected")
@@ -212,8 +214,8 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
 
     # ----------------------------------------------------------------- prefill side
     def send(self, request_id: str, block_ids: list[int]) -> None:
-        self._check_new(request_id, block_ids)
-        req = _Req(request_id, Role.SENDER, list(block_ids), started=time.monotonic())
+        prepared = self._check_new(request_id, block_ids, own_op=self.mode is TransferMode.PUSH)
+        req = _Req(request_id, Role.SENDER, list(block_ids), started=time.monotonic(), prepared=prepared)
         self._reqs[request_id] = req
         self._active.add(request_id)
         if request_id in self._tombstones:  # the receiver gave up before the KV was ready

@@ -164,13 +164,25 @@ class NixlTransceiver(LifecycleTransceiver):
             log.debug("make_connection to %s: %s", info.agent_name, e)
 
 
-    def _check_new(self, request_id: str, block_ids: list[int]) -> None:
-        super()._check_new(request_id, block_ids)
+    def _check_new(self, request_id: str, block_ids: list[int], own_op: bool) -> Any:
+        """Checks the ids; for our own op it prepares them at once (checking them on the way:
+        it costs about what the check alone would)."""
+        super()._check_new(request_id, block_ids, own_op)
         if not block_ids:
             raise ValueError(f"request {request_id}: no blocks to transfer")
         nb = self.kv.layout.num_blocks
-        if min(block_ids) < 0 or max(block_ids) >= nb:
-            raise ValueError(f"request {request_id}: block ids must be in 0..{nb - 1}")
+        bad = ValueError(f"request {request_id}: block ids must be in 0..{nb - 1}")
+        if not own_op:
+            if min(block_ids) < 0 or max(block_ids) >= nb:
+                raise bad
+            return None
+        try:
+            ids = np.fromiter(block_ids, np.int32, len(block_ids))
+        except (OverflowError, TypeError, ValueError):
+            raise bad from None
+        if ids.view(np.uint32).max() >= nb:  # a negative id reads as a huge one
+            raise bad
+        return (self._layer_first[:, None] + ids).ravel()
 
     # ----------------------------------------------------------------- transfers
     def _start_write(self, req: _Req, peer: str, dst: list[int]) -> None:
@@ -195,7 +207,7 @@ class NixlTransceiver(LifecycleTransceiver):
             first = self._peers[peer].layer_first
         else:
             return None  # not connected: _post refuses it
-        return np.add.outer(first, np.array(block_ids, dtype=np.int32)).ravel()
+        return (first[:, None] + np.fromiter(block_ids, np.int32, len(block_ids))).ravel()
 
     def _post(self, op: str, local_ids: list[int], peer: str, remote_ids: list[int], notif: bytes, req: _Req) -> Any:
         p = self._peers[peer]

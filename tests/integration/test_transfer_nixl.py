@@ -220,3 +220,28 @@ def test_uncancellable_transfer_holds_its_blocks_and_breaks_health():
     finally:
         prefill.stop()
         decode.stop()
+
+
+@pytest.mark.parametrize("mode", ["push", "pull"])
+def test_nixl_refuses_block_ids_outside_the_pool(mode):
+    """Both calls check their ids at once, on either path (the side whose op moves the
+    blocks prepares them while checking); a refused call leaves nothing pending, and a
+    good transfer still goes through afterwards."""
+    prefill, decode, name = pair("nixl", mode, timeout_ms=TIMEOUT_MS)
+    try:
+        for bad in ([-1], [0, 32], [2**40]):
+            with pytest.raises(RuntimeError, match="block ids must be in 0..31"):
+                decode.call("receive", f"bad-{mode}", name, bad)
+            with pytest.raises(RuntimeError, match="block ids must be in 0..31"):
+                prefill.call("send", f"bad-{mode}", bad)
+        with pytest.raises(RuntimeError, match="no blocks to transfer"):
+            prefill.call("send", f"bad-{mode}", [])
+        assert prefill.call("pool")[2] == decode.call("pool")[2] == 0  # nothing pending
+        (dev,), (pev,) = transfer(prefill, decode, name, f"good-{mode}", [0, 1, 31], [31, 2, 3])
+        assert dev[2:4] == pev[2:4] == ("done", None), (dev, pev)
+        assert prefill.call("digests", [0, 1, 31]) == decode.call("digests", [31, 2, 3])
+        decode.call("free_received", dev[0])
+        assert_pools_full(prefill, decode)
+    finally:
+        prefill.stop()
+        decode.stop()
