@@ -69,6 +69,7 @@ from kvbridge.transfer.ucp import (
     _MEMORY_TYPE_CUDA,
     _MEMORY_TYPE_HOST,
     _OP_ATTR_FIELD_MEMORY_TYPE,
+    TagSend,
     UcxError,
     _RequestParam,
     _Ucp,
@@ -162,7 +163,8 @@ class UcxTransceiver(LifecycleTransceiver):
         )
         self._info = self._make_info(model_id, self.backend_name, _blob_encoder.encode(blob))
         self._by_tag: dict[int, str] = {}  # sender tag → agent name
-        self._sends: list[tuple[Any, bytearray, str]] = []  # in-flight messages (request, buffer, peer)
+        self._sends: list[tuple[TagSend, str]] = []  # messages UCP has not completed yet, and their peer
+        self._send_param = _RequestParam()  # contiguous bytes, no callback
         self._recvs: list[tuple[Any, bytearray, int]] = []  # probed messages being received
         self._recvs_count = self._recvs_seen = 0  # messages probed, and as of the last poll
         self._server = handshake.BootstrapServer(
@@ -308,29 +310,28 @@ class UcxTransceiver(LifecycleTransceiver):
         if p is None or not p.alive:
             log.debug("not sending a message to %s: not connected", peer)
             return
-        buf = bytearray(msg if isinstance(msg, bytes) else encode(msg))
-        try:
-            request = p.ep.tag_send(self._Array(buf), self._api.UCXXTag(self._my_tag))
-        except Exception as e:
-            log.warning("message to %s failed: %s", peer, e)
-            return
-        self._sends.append((request, buf, peer))
+        send = TagSend(self._ucp, p.ep.handle, msg if isinstance(msg, bytes) else encode(msg), self._my_tag, self._send_param)
+        if send.request is not None:
+            self._sends.append((send, peer))
+        elif send.error is not None:
+            self._send_failed(peer, send.error)
 
     def _reap_sends(self) -> None:
         still = []
-        for request, buf, peer in self._sends:
-            if not request.completed:
-                still.append((request, buf, peer))
-                continue
-            try:
-                request.check_error()
-            except Exception as e:
-                if self._ep_failed(peer):
-                    log.debug("message to %s failed: %s", peer, e)
-                    self._lost.append(peer)  # handled by the next poll, not inside this loop
-                else:
-                    log.warning("message to %s failed: %s", peer, e)
+        for send, peer in self._sends:
+            state = send.state()
+            if state == "PROC":
+                still.append((send, peer))
+            elif state == "ERR":
+                self._send_failed(peer, send.error)
         self._sends = still
+
+    def _send_failed(self, peer: str, error: str | None) -> None:
+        if self._ep_failed(peer):
+            log.debug("message to %s failed: %s", peer, error)
+            self._lost.append(peer)  # handled by the next poll, not inside a loop over requests
+        else:
+            log.warning("message to %s failed: %s", peer, error)
 
     def _ep_failed(self, peer: str | None) -> bool:
         """UCX reported the peer's endpoint failed (with error handling PEER it does so
