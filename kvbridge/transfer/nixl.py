@@ -177,12 +177,13 @@ class NixlTransceiver(LifecycleTransceiver):
                 raise bad
             return None
         try:
-            ids = np.fromiter(block_ids, np.int32, len(block_ids))
-        except (OverflowError, TypeError, ValueError):
+            idx = self._prepare(block_ids, None)
+        except (OverflowError, TypeError, ValueError):  # not an int32
             raise bad from None
-        if ids.view(np.uint32).max() >= nb:  # a negative id reads as a huge one
+        # layer 0's indices are the ids themselves; a negative one reads as a huge uint32
+        if idx[: len(block_ids)].view(np.uint32).max() >= nb:
             raise bad
-        return (self._layer_first[:, None] + ids).ravel()
+        return idx
 
     # ----------------------------------------------------------------- transfers
     def _start_write(self, req: _Req, peer: str, dst: list[int]) -> None:
@@ -212,7 +213,7 @@ class NixlTransceiver(LifecycleTransceiver):
     def _post(self, op: str, local_ids: list[int], peer: str, remote_ids: list[int], notif: bytes, req: _Req) -> Any:
         p = self._peers[peer]
         lay = self.kv.layout
-        local_idx = req.prepared if req.prepared is not None else self._prepare(local_ids, None)
+        local_idx = req.prepared  # made by _check_new: this op is ours
         remote_idx = req.peer_prepared if req.peer_prepared is not None else self._prepare(remote_ids, peer)
         req.num_bytes = lay.num_layers * len(local_ids) * lay.block_bytes
         try:

@@ -123,6 +123,15 @@ class _Ucp:
             return ptr - (1 << 64), None
         return _UCS_INPROGRESS, ptr
 
+    def finish(self, request: int) -> int | None:
+        """The status of an operation's request once it completed (the request is then
+        freed), or None while it is in progress."""
+        status = self.request_check_status(request)
+        if status == _UCS_INPROGRESS:
+            return None
+        self.request_free(request)
+        return status
+
     def mem_map(self, context: int, address: int, length: int, memory_type: int) -> int:
         params = _MemMapParams(field_mask=_MEM_MAP_FIELDS, address=address, length=length, memory_type=memory_type)
         memh = ctypes.c_void_p()
@@ -162,7 +171,7 @@ class _Ucp:
 
 class TagSend:
     """One control message sent with ``ucp_tag_send_nbx``. A small message usually leaves at
-    once (``done``); otherwise the request is kept, with the bytes it reads, until UCP
+    once (no ``request``); otherwise the request is kept, with the bytes it reads, until UCP
     completes it (``state()``). ``error`` holds UCP's reason for a failed send."""
 
     __slots__ = ("ucp", "request", "data", "error")
@@ -175,10 +184,9 @@ class TagSend:
 
     def state(self) -> str:
         if self.request is not None:
-            status = self.ucp.request_check_status(self.request)
-            if status == _UCS_INPROGRESS:
+            status = self.ucp.finish(self.request)
+            if status is None:
                 return "PROC"
-            self.ucp.request_free(self.request)
             self.request = None
             if status != _UCS_OK:
                 self.error = f"UCP tag send: {self.ucp.status_string(status)}"
@@ -216,10 +224,9 @@ class _Xfer:
 
     def state(self) -> str:
         if self.flush is not None:
-            status = self.ucp.request_check_status(self.flush)
-            if status == _UCS_INPROGRESS:
+            status = self.ucp.finish(self.flush)
+            if status is None:
                 return "PROC"
-            self.ucp.request_free(self.flush)
             self.flush, self.flushed = None, True
             if status != _UCS_OK and self.error is None:
                 self.error = f"UCP flush: {self.ucp.status_string(status)}"
