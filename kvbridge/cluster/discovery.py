@@ -189,14 +189,28 @@ class Registration:
     async def stop(self, revoke: bool = True) -> None:
         await cancel_and_wait(self._task)
         self._task = None
-        if revoke and self._lease_id is not None and self._client is not None:
-            try:
-                await asyncio.wait_for(self._client.revoke_lease(self._lease_id), self.call_timeout)
-            except Exception as e:
-                log.info("could not revoke lease of %s (%s); it expires in ≤ %d s", self.key, one_line(e), self.ttl)
+        if revoke and self._lease_id is not None:
+            await self._revoke()
         await _close_quietly(self._client)
         self._client, self._lease_id = None, None
         self._registered.clear()
+
+    async def _revoke(self) -> None:
+        """Up to three tries, the later ones on a fresh client with a longer deadline: a slow
+        etcd at the moment of a clean stop must not leave the worker listed for ttl seconds."""
+        timeout, error = max(2.0, self.call_timeout), None
+        for attempt in range(3):
+            if attempt or self._client is None:
+                await _close_quietly(self._client)
+                self._client = _new_client(self.etcd_endpoint, timeout)
+            try:
+                await asyncio.wait_for(self._client.revoke_lease(self._lease_id), timeout)
+                return
+            except Exception as e:
+                error = e
+                if _lease_gone(e):
+                    return
+        log.warning("could not revoke lease of %s (%s); it expires in ≤ %d s", self.key, one_line(error), self.ttl)
 
     async def __aenter__(self) -> Registration:
         await self.start()
@@ -241,6 +255,11 @@ class Registration:
             log.info("registered %s in etcd at %s (lease %x, ttl %d s)", self.key,
                      _display(self.etcd_endpoint), self._lease_id, self.ttl)  # fmt: skip
             self._registered.set()
+
+
+def _lease_gone(error: BaseException) -> bool:
+    """etcd's answer to revoking a lease it no longer has (an earlier try got through)."""
+    return "lease not found" in str(error)
 
 
 # ---------------------------------------------------------------------------- watcher

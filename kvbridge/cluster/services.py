@@ -286,13 +286,21 @@ class _Service:
 
 
 class EtcdServer(_Service):
-    """A single-member etcd; ready when its /health says so (a leader is elected)."""
+    """A single-member etcd; ready when its /health says so (a leader is elected).
+
+    It runs without fsync unless ``fsync=True``: this etcd is a local one whose data lives in a
+    scratch folder and holds only leased keys that workers write again, and with fsync each
+    lease grant, put and revoke waits on the disk — on a busy or slow disk that took more than
+    the registration's call timeout (a clean stop then left the worker listed until its lease
+    ran out). A clean stop keeps the data either way; only a power loss would lose it.
+    """
 
     name = "etcd"
 
-    def __init__(self, workdir=None, port=None, host=HOST, peer_port: int | None = None) -> None:
+    def __init__(self, workdir=None, port=None, host=HOST, peer_port: int | None = None, fsync: bool = False) -> None:
         super().__init__(workdir, port, host)
         self.peer_port = peer_port or free_port(host)
+        self.fsync = fsync
 
     @property
     def endpoint(self) -> str:
@@ -314,6 +322,7 @@ class EtcdServer(_Service):
             "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"kvbridge={peer}",
             "--initial-cluster-state", "new",
+            *([] if self.fsync else ["--unsafe-no-fsync"]),
         ]  # fmt: skip
 
     def _ready(self) -> bool:

@@ -166,3 +166,46 @@ def test_missing_binaries_say_which_pip_install(monkeypatch, tmp_path):
 def test_binaries_found_in_this_environment():
     assert services.etcd_binary().name == "etcd"
     assert services.nats_binary().name == "nats-server"
+
+
+# ---------------------------------------------------------------------------- clean stop
+
+
+class _SlowThenOkClient:
+    """Stands in for aetcd.Client: revoke times out ``slow`` times, then works."""
+
+    made: list[_SlowThenOkClient] = []
+
+    def __init__(self, slow: int, timeout: float) -> None:
+        self.slow, self.timeout, self.revoked, self.closed = slow, timeout, [], False
+        _SlowThenOkClient.made.append(self)
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        if len(_SlowThenOkClient.made) <= self.slow:
+            raise TimeoutError("Deadline Exceeded")
+        self.revoked.append(lease_id)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("slow, revoked", [(0, True), (2, True), (3, False)])
+def test_clean_stop_retries_the_revoke_on_a_fresh_client(monkeypatch, caplog, slow, revoked):
+    import asyncio
+
+    from kvbridge.cluster import discovery
+
+    _SlowThenOkClient.made = []
+    monkeypatch.setattr(discovery, "_new_client", lambda endpoint, timeout: _SlowThenOkClient(slow, timeout))
+    reg = Registration("http://127.0.0.1:2379", _info(), ttl=2)
+    reg._client, reg._lease_id = _SlowThenOkClient(slow, reg.call_timeout), 0x51
+
+    asyncio.run(reg.stop())
+
+    made = _SlowThenOkClient.made
+    assert [c.revoked for c in made if c.revoked] == ([[0x51]] if revoked else [])
+    assert len(made) == min(slow + 1, 3)
+    assert all(c.timeout >= 2.0 for c in made[1:])  # the retries get a longer deadline
+    assert all(c.closed for c in made)
+    assert reg.lease_id is None and not reg.registered
+    assert ("could not revoke lease" in caplog.text) == (not revoked)
