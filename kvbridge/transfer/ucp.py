@@ -19,9 +19,11 @@ class UcxError(RuntimeError):
 # handles ucxx owns are plain ucp_*_h pointers (``.handle``), so RMA goes straight to the
 # libucp that ucxx itself loaded: ucp_mem_map / ucp_rkey_pack / ucp_ep_rkey_unpack /
 # ucp_put_nbx / ucp_get_nbx / ucp_ep_flush_nbx, and ucp_ep_print_info for the transports.
-# Control messages are sent with ucp_tag_send_nbx too: ucxx's tag_send (an Array wrapper,
-# a tag object, a request object with its own bookkeeping) cost ~43 µs per message right
-# after a large copy, two messages per push transfer; ucxx receives them as any tag message.
+# Control messages go through ucp_tag_send_nbx / ucp_tag_probe_nb / ucp_tag_msg_recv_nbx
+# too: ucxx's tag_send and tag_probe + tag_recv_with_handle (Array wrappers, tag objects,
+# request objects with their own bookkeeping) cost ~43 µs per message sent and ~20 µs per
+# message received right after a large copy, and a pull transfer has two messages on its
+# critical path.
 
 
 class _MemMapParams(ctypes.Structure):  # ucp_mem_map_params_t (ucp.h, UCX 1.21)
@@ -34,6 +36,10 @@ class _MemMapParams(ctypes.Structure):  # ucp_mem_map_params_t (ucp.h, UCX 1.21)
         ("memory_type", ctypes.c_int),
         ("exported_memh_buffer", ctypes.c_void_p),
     ]
+
+
+class _TagRecvInfo(ctypes.Structure):  # ucp_tag_recv_info_t
+    _fields_ = [("sender_tag", ctypes.c_uint64), ("length", ctypes.c_size_t)]
 
 
 class _RequestParam(ctypes.Structure):  # ucp_request_param_t (ucp.h, UCX 1.21)
@@ -82,6 +88,8 @@ class _Ucp:
         self.get_nbx = fn("ucp_get_nbx", vp, vp, vp, sz, u64, vp, ctypes.POINTER(_RequestParam))
         self.ep_flush_nbx = fn("ucp_ep_flush_nbx", vp, vp, ctypes.POINTER(_RequestParam))
         self.tag_send_nbx = fn("ucp_tag_send_nbx", vp, vp, ctypes.c_char_p, sz, u64, ctypes.POINTER(_RequestParam))
+        self.tag_probe_nb = fn("ucp_tag_probe_nb", vp, vp, u64, u64, i, ctypes.POINTER(_TagRecvInfo))
+        self.tag_msg_recv_nbx = fn("ucp_tag_msg_recv_nbx", vp, vp, vp, sz, vp, ctypes.POINTER(_RequestParam))
         self.request_check_status = fn("ucp_request_check_status", st, vp)
         self.request_free = fn("ucp_request_free", None, vp)
         self.ep_print_info = fn("ucp_ep_print_info", None, vp, vp)
@@ -169,18 +177,19 @@ class _Ucp:
 # --------------------------------------------------------------------------- transfers
 
 
-class TagSend:
-    """One control message sent with ``ucp_tag_send_nbx``. A small message usually leaves at
-    once (no ``request``); otherwise the request is kept, with the bytes it reads, until UCP
-    completes it (``state()``). ``error`` holds UCP's reason for a failed send."""
+class _TagOp:
+    """A tagged send or receive: ``request`` is UCP's (None once complete), ``error`` UCP's
+    reason for a failure; ``state()`` is "PROC", "DONE" or "ERR" (the request is freed once
+    complete)."""
 
-    __slots__ = ("ucp", "request", "data", "error")
+    __slots__ = ("ucp", "request", "error")
+    what = "UCP tag operation"
 
-    def __init__(self, ucp: _Ucp, ep: int, data: bytes, tag: int, param: Any) -> None:
-        self.ucp, self.data, self.error = ucp, data, None
-        status, self.request = ucp.split(ucp.tag_send_nbx(ep, data, len(data), tag, param))
+    def _started(self, ucp: _Ucp, ptr: int | None) -> None:
+        self.ucp, self.error = ucp, None
+        status, self.request = ucp.split(ptr)
         if self.request is None and status != _UCS_OK:
-            self.error = f"ucp_tag_send_nbx: {ucp.status_string(status)}"
+            self.error = f"{self.what}: {ucp.status_string(status)}"
 
     def state(self) -> str:
         if self.request is not None:
@@ -189,8 +198,42 @@ class TagSend:
                 return "PROC"
             self.request = None
             if status != _UCS_OK:
-                self.error = f"UCP tag send: {self.ucp.status_string(status)}"
+                self.error = f"{self.what}: {self.ucp.status_string(status)}"
         return "ERR" if self.error is not None else "DONE"
+
+
+class TagSend(_TagOp):
+    """One control message sent with ``ucp_tag_send_nbx``. A small message usually leaves at
+    once (no ``request``); otherwise the request is kept, with the bytes it reads, until UCP
+    completes it."""
+
+    __slots__ = ("data",)
+    what = "ucp_tag_send_nbx"
+
+    def __init__(self, ucp: _Ucp, ep: int, data: bytes, tag: int, param: Any) -> None:
+        self.data = data
+        self._started(ucp, ucp.tag_send_nbx(ep, data, len(data), tag, param))
+
+
+class TagRecv(_TagOp):
+    """One control message found by ``probe`` and received with ``ucp_tag_msg_recv_nbx``
+    into ``buf`` (a message already here completes at once)."""
+
+    __slots__ = ("buf", "sender_tag")
+    what = "ucp_tag_msg_recv_nbx"
+
+    def __init__(self, ucp: _Ucp, worker: int, message: int, info: _TagRecvInfo, param: Any) -> None:
+        n = info.length
+        self.buf, self.sender_tag = bytearray(max(1, n)), info.sender_tag
+        address = ctypes.addressof((ctypes.c_char * len(self.buf)).from_buffer(self.buf))
+        self._started(ucp, ucp.tag_msg_recv_nbx(worker, address, n, message, param))
+
+    @classmethod
+    def probe(cls, ucp: _Ucp, worker: int, tag: int, mask: int, info: _TagRecvInfo, param: Any) -> TagRecv | None:
+        """The next message matching ``tag``/``mask`` taken off UCP's queue and being
+        received, or None when there is none."""
+        message = ucp.tag_probe_nb(worker, tag, mask, 1, ctypes.byref(info))
+        return cls(ucp, worker, message, info, param) if message else None
 
 
 class _Xfer:

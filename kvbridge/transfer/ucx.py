@@ -69,7 +69,9 @@ from kvbridge.transfer.ucp import (
     _MEMORY_TYPE_CUDA,
     _MEMORY_TYPE_HOST,
     _OP_ATTR_FIELD_MEMORY_TYPE,
+    TagRecv,
     TagSend,
+    _TagRecvInfo,
     UcxError,
     _RequestParam,
     _Ucp,
@@ -134,10 +136,9 @@ class UcxTransceiver(LifecycleTransceiver):
         try:
             import ucxx
             import ucxx._lib.libucxx as ucx_api
-            from ucxx._lib.arr import Array
         except ImportError as e:
             raise BackendUnavailable(f"cache_transceiver_config.backend UCX needs ucxx ({e}): pip install ucxx-cu12==0.52") from None
-        self._api, self._Array = ucx_api, Array
+        self._api = ucx_api
         self._ucp = _Ucp()
         self.ucx_version = ".".join(map(str, ucx_api.get_ucx_version()))
         self.ucxx_version = getattr(ucxx, "__version__", "?")
@@ -165,7 +166,8 @@ class UcxTransceiver(LifecycleTransceiver):
         self._by_tag: dict[int, str] = {}  # sender tag → agent name
         self._sends: list[tuple[TagSend, str]] = []  # messages UCP has not completed yet, and their peer
         self._send_param = _RequestParam()  # contiguous bytes, no callback
-        self._recvs: list[tuple[Any, bytearray, int]] = []  # probed messages being received
+        self._recvs: list[TagRecv] = []  # probed messages being received, in arrival order
+        self._recv_info, self._recv_param = _TagRecvInfo(), _RequestParam()
         self._recvs_count = self._recvs_seen = 0  # messages probed, and as of the last poll
         self._server = handshake.BootstrapServer(
             host, port, config.shared_token, lambda: self._info, self._accepted.append, self._lost.append
@@ -340,28 +342,23 @@ class UcxTransceiver(LifecycleTransceiver):
         return p is not None and p.ep is not None and not p.ep.alive
 
     def _receive_messages(self) -> None:
-        api = self._api
-        while True:
-            probe = self.worker.tag_probe(api.UCXXTag(_TAG_KIND), api.UCXXTagMask(_TAG_KIND_MASK), remove=True)
-            if not probe.matched:
-                break
-            buf = bytearray(max(1, probe.length))
-            request = self.worker.tag_recv_with_handle(self._Array(buf), probe)
-            self._recvs.append((request, buf, probe.sender_tag.value & _TAG_SENDER_MASK))
+        ucp, worker = self._ucp, self.worker.handle
+        while (r := TagRecv.probe(ucp, worker, _TAG_KIND, _TAG_KIND_MASK, self._recv_info, self._recv_param)) is not None:
+            self._recvs.append(r)
             self._recvs_count += 1
-        while self._recvs and self._recvs[0][0].completed:  # in arrival order
-            request, buf, tag = self._recvs.pop(0)
+        while self._recvs and (state := self._recvs[0].state()) != "PROC":  # in arrival order
+            r = self._recvs.pop(0)
+            tag = r.sender_tag & _TAG_SENDER_MASK
             if tag not in self._by_tag:  # accepted a moment ago, after this poll began
                 self._add_accepted()
             sender = self._by_tag.get(tag)
+            if state == "ERR":
+                log.warning("receiving a message from %s failed: %s", sender or "an unknown peer", r.error)
+                continue
             try:
-                request.check_error()
-                msg = decode(bytes(buf))
+                msg = decode(r.buf)
             except ProtocolError as e:
                 log.error("bad message from %s: %s", sender or "an unknown peer", e)
-                continue
-            except Exception as e:
-                log.warning("receiving a message from %s failed: %s", sender or "an unknown peer", e)
                 continue
             if sender is None:
                 log.warning("dropped %s from an unknown peer", type(msg).__name__)
@@ -449,7 +446,7 @@ class UcxTransceiver(LifecycleTransceiver):
                 log.debug("rkey_destroy %s: %s", p.info.agent_name, e)
         self._peers.clear()
         self._sends.clear()
-        self._recvs.clear()
+        self._recvs = [r for r in self._recvs if r.state() == "PROC"]  # UCP may still write into these
         try:
             self._ucp.mem_unmap(self._context.handle, self._memh)
         except Exception as e:
