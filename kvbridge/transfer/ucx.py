@@ -71,9 +71,9 @@ from kvbridge.transfer.ucp import (
     _OP_ATTR_FIELD_MEMORY_TYPE,
     TagRecv,
     TagSend,
-    _TagRecvInfo,
     UcxError,
     _RequestParam,
+    _TagRecvInfo,
     _Ucp,
     _Xfer,
 )
