@@ -16,6 +16,7 @@ import numpy as np
 from kvbridge.engine.kv_cache import KVCache
 
 _WALK_MAX = 64  # ids: up to this many, walking the pairs beats numpy's fixed cost
+_WALK_SLICE = 16  # segments(): a broken slice this short is walked rather than halved
 
 
 def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
@@ -39,6 +40,54 @@ def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
     starts = np.concatenate(([0], breaks))
     lengths = np.diff(np.concatenate((starts, [n])))
     return list(zip(s[starts].tolist(), d[starts].tolist(), lengths.tolist(), strict=True))
+
+
+def segments(ids: list[int], limit: int | None = None) -> list[tuple[int, int, int]] | None:
+    """The stretches of consecutive ids of one list: [(position, first_id, length), ...].
+    A stretch is recognised by comparing a slice with the range it should be (C speed), and
+    a slice that is not one stretch is halved, down to a few ids that are walked: a list
+    with k stretches costs O(k log n) comparisons, a contiguous one a single one. A side
+    computes its own when the ids reach it (``joint_runs`` then needs no pass over the
+    ids). None once there are more than ``limit`` stretches (``runs`` is cheaper then)."""
+    out: list[tuple[int, int, int]] = []
+
+    def add(lo: int, first: int, n: int) -> None:
+        if out and out[-1][0] + out[-1][2] == lo and out[-1][1] + out[-1][2] == first:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)  # halved inside a stretch
+        else:
+            out.append((lo, first, n))
+
+    todo = [(0, len(ids))] if ids else []
+    while todo:
+        if limit is not None and len(out) > limit:
+            return None
+        lo, hi = todo.pop()
+        first = ids[lo]
+        if ids[lo:hi] == list(range(first, first + hi - lo)):
+            add(lo, first, hi - lo)
+        elif hi - lo <= _WALK_SLICE:  # short and broken: walk it
+            for k in range(lo, hi):
+                add(k, ids[k], 1)
+        else:
+            mid = (lo + hi) // 2
+            todo += ((mid, hi), (lo, mid))  # the left half first: ``out`` stays in order
+    return out
+
+
+def joint_runs(a: list[tuple[int, int, int]], b: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """``runs(src, dst)`` from ``segments(src)`` and ``segments(dst)`` (lists of one length):
+    a joint run ends wherever either side's stretch ends."""
+    out: list[tuple[int, int, int]] = []
+    i = j = pos = 0
+    while i < len(a) and j < len(b):
+        pa, fa, na = a[i]
+        pb, fb, nb = b[j]
+        end = min(pa + na, pb + nb)
+        out.append((fa + pos - pa, fb + pos - pb, end - pos))
+        pos = end
+        i += pa + na == end
+        j += pb + nb == end
+    return out
 
 
 def runs_in_range(spans: list[tuple[int, int, int]], src_blocks: int, dst_blocks: int) -> bool:

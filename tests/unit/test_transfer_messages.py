@@ -9,7 +9,7 @@ import pytest
 
 from kvbridge.transfer import base
 from kvbridge.transfer.handshake import compare
-from kvbridge.transfer.integrity import runs
+from kvbridge.transfer.integrity import joint_runs, runs, segments
 
 
 def info(**over) -> base.PeerInfo:
@@ -67,13 +67,26 @@ def test_runs_must_be_consecutive_on_both_sides():
         runs([0, 1], [0])
 
 
-def test_runs_match_their_definition_for_short_and_long_lists():
-    def by_breaks(src, dst):  # a run ends where either side stops counting up by one
-        n = len(src)
-        ends = [i for i in range(1, n) if src[i] != src[i - 1] + 1 or dst[i] != dst[i - 1] + 1]
-        starts = [0, *ends]
-        return [(src[a], dst[a], b - a) for a, b in zip(starts, [*ends, n], strict=True)]
+def _by_breaks(src, dst):  # a run ends where either side stops counting up by one
+    n = len(src)
+    ends = [i for i in range(1, n) if src[i] != src[i - 1] + 1 or dst[i] != dst[i - 1] + 1]
+    starts = [0, *ends]
+    return [(src[a], dst[a], b - a) for a, b in zip(starts, [*ends, n], strict=True)]
 
+
+def _pieces(rng, n, universe):
+    """n distinct ids made of a few stretches of consecutive ids, in any order."""
+    out, used = [], set()
+    while len(out) < n:
+        first, k = rng.randrange(universe), rng.randrange(1, n - len(out) + 1)
+        piece = [i for i in range(first, first + k) if i not in used]
+        out += piece
+        used.update(piece)
+    return out[:n]
+
+
+def test_runs_match_their_definition_for_short_and_long_lists():
+    by_breaks = _by_breaks
     rng = random.Random(7)
     for _ in range(500):
         n = rng.randrange(1, 150)  # both sides of integrity._WALK_MAX
@@ -81,6 +94,22 @@ def test_runs_match_their_definition_for_short_and_long_lists():
         start = rng.randrange(100)
         dst = list(range(start, start + n)) if rng.random() < 0.4 else rng.sample(range(400), n)
         assert runs(src, dst) == by_breaks(src, dst)
+
+
+def test_runs_from_each_side_s_segments_match_their_definition():
+    assert segments([]) == [] and joint_runs([], []) == []
+    assert segments([7]) == [(0, 7, 1)]
+    assert segments(list(range(40, 296))) == [(0, 40, 256)]
+    assert segments([3, 4, 5, 9, 10, 2]) == [(0, 3, 3), (3, 9, 2), (5, 2, 1)]
+    rng = random.Random(11)
+    for _ in range(500):
+        n = rng.randrange(1, 300)
+        src = _pieces(rng, n, 2000) if rng.random() < 0.7 else rng.sample(range(2000), n)
+        dst = _pieces(rng, n, 2000) if rng.random() < 0.7 else rng.sample(range(2000), n)
+        seg = segments(src)
+        assert [i for p, f, k in seg for i in range(f, f + k)] == src  # they cover the list, in order
+        assert all(a[0] + a[2] == b[0] and a[1] + a[2] != b[1] for a, b in zip(seg, seg[1:]))  # maximal
+        assert joint_runs(seg, segments(dst)) == _by_breaks(src, dst) == runs(src, dst)
 
 
 def test_metrics_by_backend_and_cause():
