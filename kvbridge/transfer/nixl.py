@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from kvbridge.config import CacheTransceiverConfig, TransferMode
+from kvbridge.config import CacheTransceiverConfig, TransferMode, ucx_copy_defaults
 from kvbridge.engine.kv_cache import KVCache
 from kvbridge.transfer import handshake, probe
 from kvbridge.transfer.base import (
@@ -92,6 +92,8 @@ class NixlTransceiver(LifecycleTransceiver):
         self.nixl_backend = (nixl_backend or config.nixl_backend).upper()
         self._init_lifecycle()
         self._ucx_log = probe.setup_ucx_log() if self.nixl_backend == "UCX" else None
+        if self.nixl_backend == "UCX":
+            ucx_copy_defaults()  # before the backend creates its UCX context
         self._ucx_log_pos = 0
         self._ucx_text = ""
         inst = probe.nixl_install()

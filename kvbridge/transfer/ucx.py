@@ -4,7 +4,7 @@ Set-up (once):
   - one UCX context and worker (ucxx) in blocking-progress mode, no progress thread:
     ``poll()`` progresses the worker once per engine step; ``wait()`` sleeps in
     ``epoll_wait`` on the worker's event fd (UCX wakes it when a message arrives), so an
-    idle wait costs no CPU; cma copies run inside our progress (512 KiB per call) and
+    idle wait costs no CPU; cma copies run inside our progress (4 MiB per call) and
     raise no event: ``_post`` drives them in a tight loop (bounded), as NIXL's transfer()
     does, and ``wait`` re-polls without sleeping while something is due soon
   - the whole KV region mapped once (``ucp_mem_map``); its packed rkey goes to every peer
@@ -46,7 +46,7 @@ from typing import Any
 
 import msgspec
 
-from kvbridge.config import CacheTransceiverConfig
+from kvbridge.config import CacheTransceiverConfig, ucx_copy_defaults
 from kvbridge.engine.kv_cache import KVCache
 from kvbridge.transfer import handshake
 from kvbridge.transfer.base import (
@@ -145,7 +145,7 @@ class UcxTransceiver(LifecycleTransceiver):
         self.ucxx_version = getattr(ucxx, "__version__", "?")
         # UCX's own option (not an environment read): lets cma carry RMA on endpoints with
         # error handling PEER (see the module docstring)
-        self._context = ucx_api.UCXContext(config_dict={"CMA_MEMORY_INVALIDATE": "y"})
+        self._context = ucx_api.UCXContext(config_dict={"CMA_MEMORY_INVALIDATE": "y", **ucx_copy_defaults()})
         self.worker = ucx_api.UCXWorker(self._context)
         self.worker.init_blocking_progress_mode()  # wait() sleeps on the worker's event fd
         self.agent_name = f"{name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -279,7 +279,7 @@ class UcxTransceiver(LifecycleTransceiver):
                 x.add(fn(ep, base + lay.offset(layer, s), n * bb, rbase + (layer * rnb + d) * bb, rkey, param), name)
         x.start_flush()
         req.num_bytes = lay.num_layers * len(local_ids) * bb
-        # cma copies run inside our progress, 512 KiB per call: drive them here, in a tight
+        # cma copies run inside our progress, 4 MiB per call: drive them here, in a tight
         # loop, as NIXL's transfer() does (bounded; a longer one goes on in poll())
         deadline = time.monotonic() + _SYNC_COPY_S
         progress = self.worker.progress

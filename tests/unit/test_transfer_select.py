@@ -134,3 +134,13 @@ def test_ucx_logs_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
         path.write_text("x")
     assert sweep_ucx_logs(tmp_path) == 1
     assert not dead.exists() and live.exists() and other.exists()
+
+
+def test_ucx_copy_defaults_keep_what_the_user_set(monkeypatch):
+    from kvbridge import config
+
+    monkeypatch.delenv("UCX_CMA_SEG_SIZE", raising=False)
+    assert config.ucx_copy_defaults() == {"CMA_SEG_SIZE": "4M"}
+    assert os.environ["UCX_CMA_SEG_SIZE"] == "4M"  # NIXL's UCX reads the environment
+    monkeypatch.setenv("UCX_CMA_SEG_SIZE", "1M")
+    assert config.ucx_copy_defaults() == {"CMA_SEG_SIZE": "1M"}
