@@ -29,4 +29,5 @@ def test_bench_transfer_measures_and_reports(tmp_path, capsys):
     for r in rows:  # every cell has the transceiver, the bare NIXL baseline and memcpy
         assert r["trx_gbs"] > 0 and r["bare_gbs"] > 0 and r["memcpy_gbs"] > 0, r
         assert r["ratio"] == pytest.approx(r["bare_s"] / r["trx_s"])
+        assert r["paired_ratio"] == pytest.approx(r["ratio"])  # one round: its own ratio is the best against best
     assert (tmp_path / "transfer.png").stat().st_size > 1000
