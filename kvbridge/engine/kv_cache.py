@@ -138,17 +138,6 @@ def host_region(nbytes: int) -> tuple[bool, torch.Tensor]:
     return advised, region
 
 
-def coalesce_runs(block_ids: list[int]) -> list[tuple[int, int]]:
-    """Split block ids into runs of consecutive ids: [(first_id, length), ...], in order."""
-    runs: list[tuple[int, int]] = []
-    for bid in block_ids:
-        if runs and runs[-1][0] + runs[-1][1] == bid:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((bid, 1))
-    return runs
-
-
 def num_blocks_for_memory(memory_mb: int, num_layers: int, num_kv_heads: int, block_size: int, head_dim: int, dtype: str) -> int:
     per_block = num_layers * 2 * num_kv_heads * block_size * head_dim * TORCH_DTYPES[dtype].itemsize
     return max(1, memory_mb * 1024 * 1024 // per_block)

@@ -91,9 +91,10 @@ class NixlTransceiver(LifecycleTransceiver):
         super().__init__(kv, config, model_id=model_id)
         self.nixl_backend = (nixl_backend or config.nixl_backend).upper()
         self._init_lifecycle()
-        self._ucx_log = probe.setup_ucx_log() if self.nixl_backend == "UCX" else None
-        if self.nixl_backend == "UCX":
-            ucx_copy_defaults()  # before the backend creates its UCX context
+        self._ucx_log = None
+        if self.nixl_backend == "UCX":  # both before the backend creates its UCX context
+            self._ucx_log = probe.setup_ucx_log()
+            ucx_copy_defaults()
         self._ucx_log_pos = 0
         self._ucx_text = ""
         inst = probe.nixl_install()
@@ -173,19 +174,17 @@ class NixlTransceiver(LifecycleTransceiver):
         if not block_ids:
             raise ValueError(f"request {request_id}: no blocks to transfer")
         nb = self.kv.layout.num_blocks
-        bad = ValueError(f"request {request_id}: block ids must be in 0..{nb - 1}")
-        if not own_op:
-            if min(block_ids) < 0 or max(block_ids) >= nb:
-                raise bad
+        if own_op:
+            try:
+                idx = self._prepare(block_ids, None)
+            except (OverflowError, TypeError, ValueError):  # not an int32
+                idx = None
+            # layer 0's indices are the ids themselves; a negative one reads as a huge uint32
+            if idx is not None and idx[: len(block_ids)].view(np.uint32).max() < nb:
+                return idx
+        elif min(block_ids) >= 0 and max(block_ids) < nb:
             return None
-        try:
-            idx = self._prepare(block_ids, None)
-        except (OverflowError, TypeError, ValueError):  # not an int32
-            raise bad from None
-        # layer 0's indices are the ids themselves; a negative one reads as a huge uint32
-        if idx[: len(block_ids)].view(np.uint32).max() >= nb:
-            raise bad
-        return idx
+        raise ValueError(f"request {request_id}: block ids must be in 0..{nb - 1}")
 
     # ----------------------------------------------------------------- transfers
     def _start_write(self, req: _Req, peer: str, dst: list[int]) -> None:

@@ -86,14 +86,13 @@ def _pieces(rng, n, universe):
 
 
 def test_runs_match_their_definition_for_short_and_long_lists():
-    by_breaks = _by_breaks
     rng = random.Random(7)
     for _ in range(500):
         n = rng.randrange(1, 150)  # both sides of integrity._WALK_MAX
         src = sorted(rng.sample(range(300), n)) if rng.random() < 0.5 else rng.sample(range(300), n)
         start = rng.randrange(100)
         dst = list(range(start, start + n)) if rng.random() < 0.4 else rng.sample(range(400), n)
-        assert runs(src, dst) == by_breaks(src, dst)
+        assert runs(src, dst) == _by_breaks(src, dst)
 
 
 def test_runs_from_each_side_s_segments_match_their_definition():
