@@ -177,13 +177,13 @@ class _Ucp:
 # --------------------------------------------------------------------------- transfers
 
 
-class _TagOp:
-    """A tagged send or receive: ``request`` is UCP's (None once complete), ``error`` UCP's
-    reason for a failure; ``state()`` is "PROC", "DONE" or "ERR" (the request is freed once
-    complete)."""
+class _Op:
+    """One UCP operation (a tagged send or receive, a flush): ``request`` is UCP's (None once
+    complete), ``error`` UCP's reason for a failure; ``state()`` is "PROC", "DONE" or "ERR"
+    (the request is freed once complete)."""
 
     __slots__ = ("ucp", "request", "error")
-    what = "UCP tag operation"
+    what = "UCP operation"
 
     def _started(self, ucp: _Ucp, ptr: int | None) -> None:
         self.ucp, self.error = ucp, None
@@ -202,7 +202,7 @@ class _TagOp:
         return "ERR" if self.error is not None else "DONE"
 
 
-class TagSend(_TagOp):
+class TagSend(_Op):
     """One control message sent with ``ucp_tag_send_nbx``. A small message usually leaves at
     once (no ``request``); otherwise the request is kept, with the bytes it reads, until UCP
     completes it."""
@@ -215,7 +215,7 @@ class TagSend(_TagOp):
         self._started(ucp, ucp.tag_send_nbx(ep, data, len(data), tag, param))
 
 
-class TagRecv(_TagOp):
+class TagRecv(_Op):
     """One control message found by ``probe`` and received with ``ucp_tag_msg_recv_nbx``
     into ``buf`` (a message already here completes at once)."""
 
@@ -236,6 +236,17 @@ class TagRecv(_TagOp):
         return cls(ucp, worker, message, info, param) if message else None
 
 
+class _Flush(_Op):
+    """``ucp_ep_flush_nbx``: complete once every operation posted before it on the endpoint
+    is complete, at the peer too."""
+
+    __slots__ = ()
+    what = "ucp_ep_flush_nbx"
+
+    def __init__(self, ucp: _Ucp, ep: int) -> None:
+        self._started(ucp, ucp.ep_flush_nbx(ep, ctypes.byref(_RequestParam())))
+
+
 class _Xfer:
     """One PUT or GET of a request: a UCP operation per (layer, run), then one flush of the
     endpoint. The operations' requests are handed back to UCP at once (``ucp_request_free``
@@ -246,9 +257,8 @@ class _Xfer:
     def __init__(self, ucp: _Ucp, ep: int) -> None:
         self.ucp = ucp
         self.ep = ep
-        self.flush: int | None = None
-        self.flushed = False
-        self.error: str | None = None
+        self.flush: _Flush | None = None
+        self.error: str | None = None  # the first failure: of a PUT/GET, else of the flush
 
     def add(self, ptr: int | None, what: str) -> None:
         status, request = self.ucp.split(ptr)
@@ -258,26 +268,14 @@ class _Xfer:
             self.error = f"{what}: {self.ucp.status_string(status)}"
 
     def start_flush(self) -> None:
-        status, request = self.ucp.split(self.ucp.ep_flush_nbx(self.ep, ctypes.byref(_RequestParam())))
-        self.flush = request
-        if request is None:
-            self.flushed = True
-            if status != _UCS_OK and self.error is None:
-                self.error = f"ucp_ep_flush_nbx: {self.ucp.status_string(status)}"
+        self.flush = _Flush(self.ucp, self.ep)
 
     def state(self) -> str:
-        if self.flush is not None:
-            status = self.ucp.finish(self.flush)
-            if status is None:
-                return "PROC"
-            self.flush, self.flushed = None, True
-            if status != _UCS_OK and self.error is None:
-                self.error = f"UCP flush: {self.ucp.status_string(status)}"
-        if not self.flushed:
+        if self.flush is None or self.flush.state() == "PROC":
             return "PROC"
+        self.error = self.error or self.flush.error
         return "ERR" if self.error is not None else "DONE"
 
     def release(self) -> bool:
         """UCP cannot cancel a PUT/GET in flight: released only once the flush completed."""
-        self.state()
-        return self.flush is None
+        return self.state() != "PROC"
