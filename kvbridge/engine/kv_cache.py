@@ -21,6 +21,7 @@ across processes page by page, and with 2 MiB pages a 16 MiB transfer over UCX's
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 from dataclasses import asdict, dataclass
@@ -49,9 +50,9 @@ class KVLayout:
     def itemsize(self) -> int:
         return self.torch_dtype.itemsize  # (a tensor to ask would cost ~60 µs on a transfer's path)
 
-    @property
+    @functools.cached_property
     def block_bytes(self) -> int:
-        """Bytes of one block of one layer (K and V)."""
+        """Bytes of one block of one layer (K and V); cached: asked on every transfer's path."""
         return 2 * self.num_kv_heads * self.block_size * self.head_dim * self.itemsize
 
     @property

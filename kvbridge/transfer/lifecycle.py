@@ -3,9 +3,10 @@
 A request's life: decode ``receive()``s (reserves blocks, sends ``ReceiveRequest``),
 prefill ``send()``s once its KV is ready; then one side runs the one-sided operation
 (push: the sender WRITEs, then ``WriteDone``; pull: ``BlocksReady``, the receiver READs,
-then ``ReadDone``). Ending early (abort, timeout, peer loss, errors) tells the peer and
-waits for its ``AbortAck`` while the peer may still touch our blocks; tombstones answer
-late messages for requests already gone.
+then ``ReadDone``; NIXL attaches both to the operation, delivered after its data). Ending
+early (abort, timeout, peer loss, errors) tells the peer and waits for its ``AbortAck``
+while the peer may still touch our blocks; tombstones answer late messages for requests
+already gone.
 
 ``LifecycleTransceiver`` holds this bookkeeping and message state machine; a backend
 implements the transport hooks: ``_post`` (start a WRITE/READ), ``_notify`` (send a
@@ -41,6 +42,7 @@ from kvbridge.transfer.base import (
     TransferStatus,
     WriteDone,
     WriteStarted,
+    encode,
 )
 from kvbridge.transfer.integrity import RunChecksums
 from kvbridge.transfer.waiting import WaitLoop
@@ -57,7 +59,8 @@ class _Req:
     peer_block_ids: list[int] = field(default_factory=list)
     started: float | None = None  # when the transfer started (timeout clock)
     xfer: Any = None  # in-flight operation handle (ours)
-    notif: bytes = b""  # push (UCX): WriteDone, sent once the PUT is complete at the peer
+    xfer_done: bool = False  # ``_post`` saw our operation complete (``_progress`` need not ask)
+    notif: bytes = b""  # what our op delivers once complete: WriteDone (push), ReadDone (pull, NIXL)
     checksums: list[int] = field(default_factory=list)
     ending: FailureCause | None = None  # terminating with this cause
     ending_msg: str = ""
@@ -75,6 +78,7 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
 
     _log = logging.getLogger("kvbridge.transfer.lifecycle")  # each backend sets its own
     _check_sender = False  # ignore messages about a request from a peer other than its own
+    _read_notifies = False  # pull: the READ itself delivers ReadDone to the peer once complete
 
     def _init_lifecycle(self) -> None:
         self.mode = self.config.mode
@@ -126,6 +130,9 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
 
     def _notify(self, peer: str, msg: Msg) -> None:
         raise NotImplementedError
+
+    def _wake_peer(self, peer: str) -> None:
+        """Wake ``peer``'s ``wait()`` for a message that went without ``_notify``."""
 
     def _release(self, handle: Any) -> bool:
         """Cancel/free an operation of ours: whether it is gone (its blocks are safe)."""
@@ -205,6 +212,8 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
         # 1) the caller reserved block_ids; 2) tell the peer where to put the KV
         prepared = self._check_new(request_id, block_ids, own_op=self.mode is TransferMode.PULL)
         req = _Req(request_id, Role.RECEIVER, list(block_ids), peer=peer, prepared=prepared)
+        if self._read_notifies and self.mode is TransferMode.PULL:  # made now, off the transfer's path
+            req.notif = encode(ReadDone(request_id=request_id))
         self._reqs[request_id] = req
         p = self._peers.get(peer)
         if p is None or not p.alive:
@@ -261,7 +270,7 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
     # ----------------------------------------------------------------- progress
     def _progress(self, req: _Req, now: float) -> None:
         if req.xfer is not None:
-            state = self._xfer_state(req.xfer)
+            state = "DONE" if req.xfer_done else self._xfer_state(req.xfer)
             if state == "DONE":
                 self._xfer_completed(req)
                 if req.ending is None:
@@ -288,9 +297,12 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
             self._write_complete(req)
             self._finish(req)
             return
-        # pull: our READ completed: check, then let the sender free its blocks
+        # pull: our READ completed: let the sender free its blocks, then check ours
         assert req.peer is not None
-        self._notify(req.peer, ReadDone(request_id=req.request_id))
+        if self._read_notifies:
+            self._wake_peer(req.peer)  # for the ReadDone that the READ delivered
+        else:
+            self._notify(req.peer, ReadDone(request_id=req.request_id))
         self._verify_and_finish(req, req.checksums, req.peer_block_ids)
 
     # ----------------------------------------------------------------- messages
@@ -335,11 +347,11 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
                 self._end(req, FailureCause.BACKEND, f"sender offers {len(req.peer_block_ids)} blocks, {len(req.block_ids)} reserved")
                 return
             try:
-                req.xfer = self._post("READ", req.block_ids, sender, req.peer_block_ids, b"", req)
+                req.xfer = self._post("READ", req.block_ids, sender, req.peer_block_ids, req.notif, req)
             except TransferError as e:
                 self._end(req, e.cause, str(e))
                 return
-            self._progress(req, time.monotonic())  # a READ done in _post: ReadDone goes now
+            self._progress(req, time.monotonic())  # a READ done in _post: finish it now
         elif isinstance(msg, ReadDone):
             if req is not None and req.role is Role.SENDER:
                 self._peer_transferred(sender)

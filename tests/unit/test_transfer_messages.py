@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import msgspec
+import numpy as np
 import pytest
 
 from kvbridge.transfer import base
@@ -149,3 +150,27 @@ def test_transfer_time_histogram_is_cumulative_with_bounds_inclusive():
     assert value("kvbridge_kv_transfer_bytes_total", backend="ucx", role="receiver") == 7
     text = generate_latest(reg).decode()
     assert "# TYPE kvbridge_kv_transfer_seconds histogram" in text and "# TYPE kvbridge_kv_transfer_bytes_total counter" in text
+
+
+def test_nixl_indices_are_every_layer_s_ids_or_none_outside_the_pool():
+    from kvbridge.transfer.nixl import _index_grid, _indices
+
+    layers, nb = 3, 64
+    grid = _index_grid(layers, nb)
+    assert grid.dtype == np.int32 and grid.shape == (layers, nb)
+    rng = random.Random(5)
+    for _ in range(400):
+        n = rng.randrange(1, 40)
+        if rng.random() < 0.5:  # one run (the slice of the grid) or scattered ids
+            start = rng.randrange(-3, nb)
+            ids = list(range(start, start + n))
+        else:
+            ids = rng.sample(range(-2, nb + 3), n)
+        got = _indices(grid, ids)
+        if all(0 <= i < nb for i in ids):
+            assert got is not None and got.dtype == np.int32
+            assert got.tolist() == [layer * nb + i for layer in range(layers) for i in ids]
+        else:
+            assert got is None, ids
+    assert _indices(grid, []) is None
+    assert _indices(grid, [1, None]) is None and _indices(grid, [2**40]) is None
