@@ -14,7 +14,8 @@ one: a run costs one descriptor per layer (checked with NIXL's telemetry: 4+2 sc
 blocks on one layer → 2 descriptors). ``integrity.runs()`` computes the same runs for checksums.
 
 Messages ride NIXL notifications (``send_notif``, and the one attached to the WRITE in
-push or the READ in pull, which NIXL delivers once the operation completes). Liveness rides the bootstrap TCP connection.
+push or the READ in pull, which NIXL delivers once the operation completes). Liveness
+rides the bootstrap TCP connection.
 """
 
 from __future__ import annotations
