@@ -43,6 +43,7 @@ from kvbridge.transfer.base import (
     WriteDone,
     WriteStarted,
     encode,
+    record,
 )
 from kvbridge.transfer.integrity import RunChecksums
 from kvbridge.transfer.waiting import WaitLoop
@@ -79,6 +80,7 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
     _log = logging.getLogger("kvbridge.transfer.lifecycle")  # each backend sets its own
     _check_sender = False  # ignore messages about a request from a peer other than its own
     _read_notifies = False  # pull: the READ itself delivers ReadDone to the peer once complete
+    metrics_label = ""  # the backend label of the transfer metrics (default: backend_name)
 
     def _init_lifecycle(self) -> None:
         self.mode = self.config.mode
@@ -119,6 +121,23 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
     def _begin_poll(self, now: float) -> None:
         """Each backend's ``poll`` starts here (message times are known to within a poll)."""
         self._prev_poll_at, self._poll_at = self._poll_at, now
+
+    def _take_events(self, now: float) -> list[TransferEvent]:
+        """The events ended since the last call, counted in the metrics (end of ``poll``)."""
+        out, self._events = self._events, []
+        if out:
+            self._last_activity = now
+            label = self.metrics_label or self.backend_name
+            for ev in out:
+                record(label, ev)
+        return out
+
+    def _ready_events(self, min_events: int) -> list[TransferEvent] | None:
+        """``wait``: events already ended (a send whose copy completed in the call) are
+        returned without another poll: right after a large copy every call costs 5-15 µs."""
+        if len(self._events) < min_events:
+            return None
+        return self._take_events(time.monotonic())
 
     # ----------------------------------------------------------------- transport hooks
     def _add_peer(self, info: PeerInfo) -> None:

@@ -46,7 +46,6 @@ from kvbridge.transfer.base import (
     WriteStarted,
     decode,
     encode,
-    record,
 )
 from kvbridge.transfer.lifecycle import LAYOUT, LifecycleTransceiver, _Req
 
@@ -296,12 +295,7 @@ class NixlTransceiver(LifecycleTransceiver):
         for name, p in self._peers.items():
             if p.transports_since is not None and not p.transports_logged:
                 self._log_transports(name)
-        out, self._events = self._events, []
-        if out:
-            self._last_activity = now
-        for ev in out:
-            record(self.backend_name, ev)
-        return out
+        return self._take_events(now)
 
     def _xfer_state(self, handle: Any) -> str:
         try:

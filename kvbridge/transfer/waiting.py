@@ -44,6 +44,9 @@ class WaitLoop:
         """Poll until ``min_events`` events, ``timeout_s``, ``wake()`` or close. While
         something is due within microseconds (``_due_soon``) re-poll at once, yielding the
         core; otherwise sleep in the backend's ``_sleep``, which news for us ends early."""
+        ready = self._ready_events(min_events)
+        if ready is not None:
+            return ready
         deadline = time.monotonic() + timeout_s
         events: list[TransferEvent] = []
         while True:
@@ -57,6 +60,10 @@ class WaitLoop:
                 os.sched_yield()  # releases the GIL too; time.sleep(0) would sleep ~50 µs (timer slack)
                 continue
             self._sleep(left)
+
+    def _ready_events(self, min_events: int) -> list[TransferEvent] | None:
+        """At least ``min_events`` events that need no poll, or None (lifecycle.py)."""
+        return None
 
     def _arm_sleep(self) -> None:
         """Before each poll in ``wait``: news that arrives from now on ends the next ``_sleep``."""

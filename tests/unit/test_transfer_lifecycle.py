@@ -101,3 +101,27 @@ def test_nudges_only_a_peer_that_had_no_message_for_a_while(monkeypatch):
         assert late == [b"!"]
     finally:
         server.close()
+
+
+def test_wait_hands_out_events_already_ended_without_another_poll(clock):
+    """A push send whose copy completed inside the call has its event before ``wait``:
+    ``wait`` returns it, counted in the metrics, without polling the transport again."""
+    from kvbridge.transfer.stats import STATS
+    from kvbridge.transfer.waiting import WaitLoop
+
+    t = RecordingTransceiver("push")
+    t.receive("r3", "prefill", [4, 5])
+    t._begin_poll(clock[0])
+    t._on_msg("prefill", WriteStarted(request_id="r3"))
+    t._on_msg("prefill", WriteDone(request_id="r3", checksums=[], block_ids=[]))
+    before = STATS._cells[("fake", "receiver")].num_bytes if ("fake", "receiver") in STATS._cells else 0
+
+    def no_poll():
+        raise AssertionError("polled although the event was there")
+
+    t.poll = no_poll
+    (ev,) = WaitLoop.wait(t, 1.0)
+    assert ev.ok and ev.request_id == "r3" and t._events == []
+    assert STATS._cells[("fake", "receiver")].num_bytes - before == ev.num_bytes > 0
+    with pytest.raises(AssertionError, match="polled"):  # nothing ended: it polls as before
+        WaitLoop.wait(t, 1.0)
