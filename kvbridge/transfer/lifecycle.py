@@ -61,7 +61,7 @@ class _Req:
     started: float | None = None  # when the transfer started (timeout clock)
     xfer: Any = None  # in-flight operation handle (ours)
     xfer_done: bool = False  # ``_post`` saw our operation complete (``_progress`` need not ask)
-    notif: bytes = b""  # what our op delivers once complete: WriteDone (push), ReadDone (pull, NIXL)
+    notif: bytes = b""  # encoded message for after our op: WriteDone (push sender), ReadDone (pull receiver)
     checksums: list[int] = field(default_factory=list)
     ending: FailureCause | None = None  # terminating with this cause
     ending_msg: str = ""
@@ -147,7 +147,8 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
         """Post our one-sided ``op`` ("WRITE"/"READ"); the handle, or raise TransferError."""
         raise NotImplementedError
 
-    def _notify(self, peer: str, msg: Msg) -> None:
+    def _notify(self, peer: str, msg: Msg | bytes) -> None:
+        """Send a control message (or an already encoded one)."""
         raise NotImplementedError
 
     def _wake_peer(self, peer: str) -> None:
@@ -231,7 +232,7 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
         # 1) the caller reserved block_ids; 2) tell the peer where to put the KV
         prepared = self._check_new(request_id, block_ids, own_op=self.mode is TransferMode.PULL)
         req = _Req(request_id, Role.RECEIVER, list(block_ids), peer=peer, prepared=prepared)
-        if self._read_notifies and self.mode is TransferMode.PULL:  # made now, off the transfer's path
+        if self.mode is TransferMode.PULL:  # encoded now, off the transfer's path
             req.notif = encode(ReadDone(request_id=request_id))
         self._reqs[request_id] = req
         p = self._peers.get(peer)
@@ -321,7 +322,7 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
         if self._read_notifies:
             self._wake_peer(req.peer)  # for the ReadDone that the READ delivered
         else:
-            self._notify(req.peer, ReadDone(request_id=req.request_id))
+            self._notify(req.peer, req.notif)
         self._verify_and_finish(req, req.checksums, req.peer_block_ids)
 
     # ----------------------------------------------------------------- messages
@@ -366,7 +367,7 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
                 self._end(req, FailureCause.BACKEND, f"sender offers {len(req.peer_block_ids)} blocks, {len(req.block_ids)} reserved")
                 return
             try:
-                req.xfer = self._post("READ", req.block_ids, sender, req.peer_block_ids, req.notif, req)
+                req.xfer = self._post("READ", req.block_ids, sender, req.peer_block_ids, req.notif if self._read_notifies else b"", req)
             except TransferError as e:
                 self._end(req, e.cause, str(e))
                 return

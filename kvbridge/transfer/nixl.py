@@ -253,9 +253,9 @@ class NixlTransceiver(LifecycleTransceiver):
     def _wake_peer(self, peer: str) -> None:
         self._server.nudge(peer)
 
-    def _notify(self, peer: str, msg: Msg) -> None:
+    def _notify(self, peer: str, msg: Msg | bytes) -> None:
         try:
-            self.agent.send_notif(peer, encode(msg))
+            self.agent.send_notif(peer, msg if isinstance(msg, bytes) else encode(msg))
         except Exception as e:
             log.warning("notification to %s failed: %s", peer, e)
         self._server.nudge(peer)

@@ -283,9 +283,10 @@ class UcxTransceiver(LifecycleTransceiver):
         # loop, as NIXL's transfer() does (bounded; a longer one goes on in poll())
         deadline = time.monotonic() + _SYNC_COPY_S
         progress = self.worker.progress
-        while x.state() == "PROC" and time.monotonic() < deadline:
+        while (state := x.state()) == "PROC" and time.monotonic() < deadline:
             progress()
         self._own_op_since = time.monotonic()
+        req.xfer_done = state == "DONE"  # then _progress need not ask again
         return x
 
     @staticmethod
