@@ -61,7 +61,6 @@ from kvbridge.transfer.base import (
     WriteStarted,
     decode,
     encode,
-    record,
 )
 from kvbridge.transfer.integrity import joint_runs, runs, runs_in_range, segments
 from kvbridge.transfer.lifecycle import LAYOUT, LifecycleTransceiver, _Req
@@ -261,8 +260,8 @@ class UcxTransceiver(LifecycleTransceiver):
         # joint runs from each side's stretches, found when the ids arrived (the peer's
         # just now in pull, when they came in BlocksReady): right after a copy a pass over
         # two cold lists of ids costs ~50 µs; with many stretches runs() is cheaper
-        mine = req.prepared if req.prepared is not None else segments(local_ids, _SEGMENTS_MAX)
-        theirs = req.peer_prepared if req.peer_prepared is not None else segments(remote_ids, _SEGMENTS_MAX)
+        mine = req.prepared if req.prepared is not None else self._prepare(local_ids, None)
+        theirs = req.peer_prepared if req.peer_prepared is not None else self._prepare(remote_ids, peer)
         if mine is not None and theirs is not None and len(local_ids) == len(remote_ids):
             spans = joint_runs(mine, theirs)
         else:
@@ -402,13 +401,10 @@ class UcxTransceiver(LifecycleTransceiver):
             log.error("kv transceiver broken: %s", self._broken)
         for req in list(self._reqs.values()):
             self._progress(req, now)
-        out, self._events = self._events, []
-        if out or self._recvs_seen != self._recvs_count:
+        if self._recvs_seen != self._recvs_count:  # messages count as activity too
             self._last_activity = now
             self._recvs_seen = self._recvs_count
-        for ev in out:
-            record(self.metrics_label, ev)
-        return out
+        return self._take_events(now)
 
     def _sleep(self, left: float) -> None:
         """In ``epoll_wait`` on the worker's event fd (UCX wakes it when a message arrives),
