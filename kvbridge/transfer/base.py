@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from kvbridge.config import CacheTransceiverConfig
     from kvbridge.engine.kv_cache import KVCache
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: block ids travel packed (integrity.pack_ids)
 
 
 # --------------------------------------------------------------------------- states, errors
@@ -178,7 +178,7 @@ class ReceiveRequest(Msg):
     """decode → prefill: for ``request_id``, here are the blocks I reserved."""
 
     request_id: str
-    block_ids: list[int]
+    block_runs: list[int]  # the ids, packed: [first, count, ...] (integrity.pack_ids)
 
 
 class WriteStarted(Msg):
@@ -192,14 +192,14 @@ class WriteDone(Msg):
 
     request_id: str
     checksums: list[int]  # one per run consecutive on both sides, empty when not verifying
-    block_ids: list[int] = []  # the sender's ids (to find those runs), empty when not verifying
+    block_runs: list[int] = []  # the sender's ids, packed (to find those runs), empty when not verifying
 
 
 class BlocksReady(Msg):
     """prefill → decode (pull): read these blocks (the clock starts now)."""
 
     request_id: str
-    block_ids: list[int]
+    block_runs: list[int]  # the ids, packed
     checksums: list[int]
 
 

@@ -45,7 +45,7 @@ from kvbridge.transfer.base import (
     encode,
     record,
 )
-from kvbridge.transfer.integrity import RunChecksums
+from kvbridge.transfer.integrity import RunChecksums, pack_ids, unpack_ids
 from kvbridge.transfer.waiting import WaitLoop
 
 LAYOUT = "layer_block"
@@ -174,9 +174,10 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
         """Push: announce and post the WRITE of ``req`` into ``dst`` on ``peer``."""
         raise NotImplementedError
 
-    def _prepare(self, block_ids: list[int], peer: str | None) -> Any:
-        """What ``_post`` needs of ``block_ids`` (ours, or ``peer``'s), made once they are known,
-        not after the prefill step: ``_post`` finds it in ``req.prepared``/``req.peer_prepared``."""
+    def _prepare(self, block_ids: list[int], peer: str | None, packed: list[int] | None = None) -> Any:
+        """What ``_post`` needs of ``block_ids`` (ours, or ``peer``'s; ``packed``: the same as
+        they came in a message), made once they are known, not after the prefill step:
+        ``_post`` finds it in ``req.prepared``/``req.peer_prepared``."""
 
     def _write_complete(self, req: _Req) -> None:
         """Push, sender: our WRITE completed (before the DONE event)."""
@@ -239,7 +240,7 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
         if p is None or not p.alive:
             self._end(req, FailureCause.PEER_DEAD, f"peer {peer} is not connected")
             return
-        self._notify(peer, ReceiveRequest(request_id=request_id, block_ids=req.block_ids))
+        self._notify(peer, ReceiveRequest(request_id=request_id, block_runs=pack_ids(req.block_ids)))
 
     # ----------------------------------------------------------------- prefill side
     def send(self, request_id: str, block_ids: list[int]) -> None:
@@ -268,7 +269,7 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
         if self.mode is TransferMode.PUSH:
             self._start_write(req, peer, dst)
         else:
-            self._notify(peer, BlocksReady(request_id=req.request_id, block_ids=req.block_ids, checksums=req.checksums))
+            self._notify(peer, BlocksReady(request_id=req.request_id, block_runs=pack_ids(req.block_ids), checksums=req.checksums))
 
     # ----------------------------------------------------------------- checksums
     def _verify_and_finish(self, req: _Req, checksums: list[int], src_ids: list[int]) -> None:
@@ -333,13 +334,16 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
             self._log.warning("ignored %s for %s from %s (its peer is %s)", type(msg).__name__, rid, sender, req.peer)
             return
         if isinstance(msg, ReceiveRequest):  # prefill: a receiver asks
-            if req is not None and req.role is Role.SENDER and req.peer is None:
-                self._start_send(req, sender, list(msg.block_ids))
+            ids = self._peer_ids(sender, msg.block_runs, msg.request_id)
+            if ids is None:
+                self._notify(sender, Abort(request_id=msg.request_id, cause=FailureCause.BACKEND.value))
+            elif req is not None and req.role is Role.SENDER and req.peer is None:
+                self._start_send(req, sender, ids)
             elif msg.request_id in self._tombstones:  # we already gave up on it: say so
                 self._notify(sender, Abort(request_id=msg.request_id, cause=self._tombstones[msg.request_id].value))
             else:
-                prepared = self._prepare(msg.block_ids, sender) if self.mode is TransferMode.PUSH else None
-                self._asked[msg.request_id] = (sender, list(msg.block_ids), prepared)
+                prepared = self._prepare(ids, sender, msg.block_runs) if self.mode is TransferMode.PUSH else None
+                self._asked[msg.request_id] = (sender, ids, prepared)
         elif isinstance(msg, WriteStarted):
             if req is not None and req.started is None:
                 req.started = time.monotonic()
@@ -355,17 +359,26 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
                     # between that poll and this one, the step is not transfer time
                     req.landed_after = self._prev_poll_at
                     # checksums are per joint run; joint runs are the same seen from either side
-                    self._verify_and_finish(req, list(msg.checksums), list(msg.block_ids))
+                    src = self._peer_ids(sender, msg.block_runs, req.request_id) if msg.checksums else []
+                    if src is None:
+                        self._end(req, FailureCause.BACKEND, f"malformed block ids from {sender}")
+                    else:
+                        self._verify_and_finish(req, list(msg.checksums), src)
         elif isinstance(msg, BlocksReady):  # decode, pull: read them now
             if req is None or req.role is not Role.RECEIVER or req.ending is not None:
                 self._notify(sender, Abort(request_id=msg.request_id, cause=FailureCause.ABORTED.value))
                 return
             req.started = time.monotonic()
             self._active.add(req.request_id)
-            req.peer_block_ids, req.checksums = list(msg.block_ids), list(msg.checksums)
+            src = self._peer_ids(sender, msg.block_runs, req.request_id)
+            if src is None:
+                self._end(req, FailureCause.BACKEND, f"malformed block ids from {sender}")
+                return
+            req.peer_block_ids, req.checksums = src, list(msg.checksums)
             if len(req.peer_block_ids) != len(req.block_ids):
                 self._end(req, FailureCause.BACKEND, f"sender offers {len(req.peer_block_ids)} blocks, {len(req.block_ids)} reserved")
                 return
+            req.peer_prepared = self._prepare(req.peer_block_ids, sender, msg.block_runs)
             try:
                 req.xfer = self._post("READ", req.block_ids, sender, req.peer_block_ids, req.notif if self._read_notifies else b"", req)
             except TransferError as e:
@@ -395,6 +408,15 @@ class LifecycleTransceiver(WaitLoop, KVTransceiver):
         elif isinstance(msg, AbortAck):
             if req is not None:
                 req.need_ack = False
+
+    def _peer_ids(self, sender: str, packed: list[int], request_id: str) -> list[int] | None:
+        """A peer's block ids from a message (``pack_ids``); None, logged, when malformed."""
+        p = self._peers.get(sender)
+        try:
+            return unpack_ids(packed, p.info.num_blocks if p is not None else self.kv.layout.num_blocks)
+        except ValueError as e:
+            self._log.error("bad block ids from %s for %s: %s", sender, request_id, e)
+            return None
 
     # ----------------------------------------------------------------- ending
     def _end(self, req: _Req, cause: FailureCause, message: str, tell_peer: bool = True) -> None:

@@ -47,6 +47,7 @@ from kvbridge.transfer.base import (
     decode,
     encode,
 )
+from kvbridge.transfer.integrity import pack_ids
 from kvbridge.transfer.lifecycle import LAYOUT, LifecycleTransceiver, _Req
 
 __all__ = ["LAYOUT", "NixlTransceiver"]
@@ -189,7 +190,7 @@ class NixlTransceiver(LifecycleTransceiver):
         # wake the receiver first: UCX completes our WRITE only once the receiver's worker
         # answers its flush (see _post), and an idle receiver sleeps until nudged
         self._notify(peer, WriteStarted(request_id=req.request_id))
-        done = WriteDone(request_id=req.request_id, checksums=req.checksums, block_ids=req.block_ids if req.checksums else [])
+        done = WriteDone(request_id=req.request_id, checksums=req.checksums, block_runs=pack_ids(req.block_ids) if req.checksums else [])
         try:
             req.xfer = self._post("WRITE", req.block_ids, peer, dst, encode(done), req)
         except TransferError as e:
@@ -199,14 +200,22 @@ class NixlTransceiver(LifecycleTransceiver):
         if req.xfer_done:  # complete already (a CMA copy is done in the call): end it now
             self._progress(req, time.monotonic())
 
-    def _prepare(self, block_ids: list[int], peer: str | None) -> Any:
+    def _prepare(self, block_ids: list[int], peer: str | None, packed: list[int] | None = None) -> Any:
         """The prepared-list indices of every (layer, block) of ``block_ids``, layer-major,
         in our list (``peer`` None) or the peer's; None for a peer not connected (``_post``
-        refuses it) or an id out of range. Made when the ids arrive, not after the step."""
+        refuses it) or an id out of range. Made when the ids arrive, not after the step;
+        one stretch of ids as it came packed is one slice, with no pass over the ids."""
         if peer is None:
-            return _indices(self._grid, block_ids)
-        p = self._peers.get(peer)
-        return _indices(p.grid, block_ids) if p is not None else None
+            grid = self._grid
+        else:
+            p = self._peers.get(peer)
+            if p is None:
+                return None
+            grid = p.grid
+        if packed is not None and len(packed) == 2:
+            first, n = packed
+            return grid[:, first : first + n].ravel() if 0 <= first and 0 < n and first + n <= grid.shape[1] else None
+        return _indices(grid, block_ids)
 
     def _post(self, op: str, local_ids: list[int], peer: str, remote_ids: list[int], notif: bytes, req: _Req) -> Any:
         p = self._peers[peer]

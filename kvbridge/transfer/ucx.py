@@ -62,7 +62,7 @@ from kvbridge.transfer.base import (
     decode,
     encode,
 )
-from kvbridge.transfer.integrity import joint_runs, runs, runs_in_range, segments
+from kvbridge.transfer.integrity import joint_runs, pack_ids, runs, runs_in_range, segments
 from kvbridge.transfer.lifecycle import LAYOUT, LifecycleTransceiver, _Req
 from kvbridge.transfer.ucp import (
     _MEMORY_TYPE_CUDA,
@@ -237,12 +237,18 @@ class UcxTransceiver(LifecycleTransceiver):
         super()._check_new(request_id, block_ids, own_op)
         return self._prepare(block_ids, None) if own_op else None
 
-    def _prepare(self, block_ids: list[int], peer: str | None) -> Any:
+    def _prepare(self, block_ids: list[int], peer: str | None, packed: list[int] | None = None) -> Any:
+        if packed is not None and len(packed) <= 2 * _SEGMENTS_MAX:  # the stretches, as they came
+            out, pos = [], 0
+            for i in range(0, len(packed), 2):
+                out.append((pos, packed[i], packed[i + 1]))
+                pos += packed[i + 1]
+            return out
         return segments(block_ids, _SEGMENTS_MAX)
 
     def _start_write(self, req: _Req, peer: str, dst: list[int]) -> None:
         self._notify(peer, WriteStarted(request_id=req.request_id))
-        req.notif = encode(WriteDone(request_id=req.request_id, checksums=req.checksums, block_ids=req.block_ids if req.checksums else []))
+        req.notif = encode(WriteDone(request_id=req.request_id, checksums=req.checksums, block_runs=pack_ids(req.block_ids) if req.checksums else []))
         try:
             req.xfer = self._post("WRITE", req.block_ids, peer, dst, req.notif, req)
         except TransferError as e:

@@ -23,7 +23,7 @@ class RecordingTransceiver(lifecycle.LifecycleTransceiver):
         super().__init__(kv, CacheTransceiverConfig(backend="NIXL", transfer_mode=mode), model_id="m")
         self._init_lifecycle()
         self.sent: list[tuple[str, Msg]] = []
-        self._peers["prefill"] = SimpleNamespace(alive=True, info=SimpleNamespace(agent_name="prefill"))
+        self._peers["prefill"] = SimpleNamespace(alive=True, info=SimpleNamespace(agent_name="prefill", num_blocks=8))
 
     def _notify(self, peer: str, msg: Msg) -> None:
         self.sent.append((peer, msg))
@@ -56,7 +56,7 @@ def test_push_receiver_does_not_count_an_engine_step_as_transfer_time(clock):
     t._begin_poll(clock[0])  # a poll that finds nothing new
     clock[0] = 100.502  # then a 500 ms engine step, while WriteDone lands
     t._begin_poll(clock[0])
-    t._on_msg("prefill", WriteDone(request_id="r1", checksums=[], block_ids=[]))
+    t._on_msg("prefill", WriteDone(request_id="r1", checksums=[], block_runs=[]))
     (ev,) = t.poll()
     assert ev.ok and ev.block_ids == (1, 2)
     assert ev.seconds == pytest.approx(0.002)  # landed after the 100.002 poll began: not 0.502
@@ -69,7 +69,7 @@ def test_push_receiver_taking_both_messages_in_one_poll_counts_no_step(clock):
     clock[0] = 101.0  # a 1 s step; both messages landed during it
     t._begin_poll(clock[0])
     t._on_msg("prefill", WriteStarted(request_id="r2"))
-    t._on_msg("prefill", WriteDone(request_id="r2", checksums=[], block_ids=[]))
+    t._on_msg("prefill", WriteDone(request_id="r2", checksums=[], block_runs=[]))
     (ev,) = t.poll()
     assert ev.ok and ev.seconds == pytest.approx(0.0)
 
@@ -113,7 +113,7 @@ def test_wait_hands_out_events_already_ended_without_another_poll(clock):
     t.receive("r3", "prefill", [4, 5])
     t._begin_poll(clock[0])
     t._on_msg("prefill", WriteStarted(request_id="r3"))
-    t._on_msg("prefill", WriteDone(request_id="r3", checksums=[], block_ids=[]))
+    t._on_msg("prefill", WriteDone(request_id="r3", checksums=[], block_runs=[]))
     before = STATS._cells[("fake", "receiver")].num_bytes if ("fake", "receiver") in STATS._cells else 0
 
     def no_poll():
@@ -125,3 +125,20 @@ def test_wait_hands_out_events_already_ended_without_another_poll(clock):
     assert STATS._cells[("fake", "receiver")].num_bytes - before == ev.num_bytes > 0
     with pytest.raises(AssertionError, match="polled"):  # nothing ended: it polls as before
         WaitLoop.wait(t, 1.0)
+
+
+def test_malformed_block_ids_from_a_peer_end_the_request_clearly(clock):
+    """A ReceiveRequest whose packed ids do not parse is answered with an Abort; a
+    BlocksReady with such ids fails the receiver's request (BACKEND), never a hang."""
+    from kvbridge.transfer.base import Abort, BlocksReady, FailureCause, ReceiveRequest
+
+    t = RecordingTransceiver("pull")
+    t._on_msg("prefill", ReceiveRequest(request_id="bad", block_runs=[1]))
+    assert [(type(m).__name__, m.cause) for _, m in t.sent] == [("Abort", "backend")]
+    assert "bad" not in t._asked
+    t.receive("r4", "prefill", [1, 2])
+    t._on_msg("prefill", BlocksReady(request_id="r4", block_runs=[0, 0], checksums=[]))
+    (ev,) = t.poll()
+    assert not ev.ok and ev.cause is FailureCause.BACKEND and "malformed" in ev.message
+    assert isinstance(t.sent[-1][1], Abort) and t.sent[-1][1].request_id == "r4"  # the peer frees its blocks
+    assert t.num_pending == 0

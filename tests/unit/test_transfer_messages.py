@@ -30,10 +30,10 @@ def info(**over) -> base.PeerInfo:
         base.Hello(token="t", info=info()),
         base.Welcome(info=info()),
         base.Refused(field="dtype", reason="r"),
-        base.ReceiveRequest(request_id="r", block_ids=[1, 2]),
+        base.ReceiveRequest(request_id="r", block_runs=[1, 2]),
         base.WriteStarted(request_id="r"),
-        base.WriteDone(request_id="r", checksums=[1], block_ids=[3]),
-        base.BlocksReady(request_id="r", block_ids=[1], checksums=[]),
+        base.WriteDone(request_id="r", checksums=[1], block_runs=[3, 1]),
+        base.BlocksReady(request_id="r", block_runs=[1, 1], checksums=[]),
         base.ReadDone(request_id="r"),
         base.Abort(request_id="r", cause="timeout"),
         base.AbortAck(request_id="r"),
@@ -174,3 +174,49 @@ def test_nixl_indices_are_every_layer_s_ids_or_none_outside_the_pool():
             assert got is None, ids
     assert _indices(grid, []) is None
     assert _indices(grid, [1, None]) is None and _indices(grid, [2**40]) is None
+
+
+def test_packed_block_ids_round_trip_and_malformed_ones_are_refused():
+    """Block ids travel packed as (first, count) pairs of their stretches: a contiguous list
+    is two numbers; any list comes back as it went; a malformed one is a ValueError."""
+    from kvbridge.transfer.integrity import pack_ids, unpack_ids
+
+    rng = random.Random(11)
+    for _ in range(300):
+        n = rng.randrange(1, 60)
+        if rng.random() < 0.4:
+            start = rng.randrange(0, 100)
+            ids = list(range(start, start + n))
+            assert pack_ids(ids) == [start, n]
+        else:  # scattered, with stretches here and there, in any order
+            ids = []
+            while len(ids) < n:
+                s = rng.randrange(0, 200)
+                ids += range(s, s + rng.randrange(1, 6))
+        packed = pack_ids(ids)
+        assert len(packed) % 2 == 0 and all(k >= 1 for k in packed[1::2])
+        assert unpack_ids(packed, len(ids)) == ids
+    assert pack_ids([]) == [] and unpack_ids([], 8) == []
+    for bad in ([1], [3, 0], [-1, 2], [0, 5, 9]):
+        with pytest.raises(ValueError):
+            unpack_ids(bad, 8)
+    with pytest.raises(ValueError, match="past 8 ids"):  # more ids than the peer's pool has
+        unpack_ids([0, 2**40], 8)
+
+
+def test_nixl_prepares_packed_ids_as_their_indices():
+    """The NIXL side turns one packed stretch into its slice of the index grid: the same
+    indices as from the ids, and None past the pool."""
+    from types import SimpleNamespace
+
+    from kvbridge.transfer.integrity import pack_ids
+    from kvbridge.transfer.nixl import NixlTransceiver, _index_grid, _indices
+
+    grid = _index_grid(3, 64)
+    t = SimpleNamespace(_grid=grid, _peers={"p": SimpleNamespace(grid=_index_grid(3, 16))})
+    prepare = NixlTransceiver._prepare
+    for ids in ([5, 6, 7], list(range(64)), [63], [1, 2, 9, 10]):
+        assert prepare(t, ids, None, pack_ids(ids)).tolist() == _indices(grid, ids).tolist()
+    assert prepare(t, [10, 11], "p", [10, 2]).tolist() == [10, 11, 26, 27, 42, 43]
+    assert prepare(t, list(range(10, 20)), "p", [10, 10]) is None  # past the peer's 16 blocks
+    assert prepare(t, [1], "gone", [1, 1]) is None
