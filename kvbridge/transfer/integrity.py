@@ -79,13 +79,7 @@ def pack_ids(ids: list[int]) -> list[int]:
     per stretch of consecutive ids. A contiguous list is two numbers, which the peer
     decodes and turns into descriptors without a pass over its ids (on the transfer's
     critical path, with cold caches: ~30 µs saved for 256 ids)."""
-    if not ids:
-        return []
-    first, n = ids[0], len(ids)
-    if ids == list(range(first, first + n)):
-        return [first, n]
-    stretches = segments(ids) or []
-    return [v for _, f, k in stretches for v in (f, k)]
+    return [v for _, first, n in segments(ids) or () for v in (first, n)]
 
 
 def unpack_ids(packed: list[int], limit: int) -> list[int]:

@@ -213,8 +213,7 @@ class NixlTransceiver(LifecycleTransceiver):
                 return None
             grid = p.grid
         if packed is not None and len(packed) == 2:
-            first, n = packed
-            return grid[:, first : first + n].ravel() if 0 <= first and 0 < n and first + n <= grid.shape[1] else None
+            return _stretch_indices(grid, *packed)
         return _indices(grid, block_ids)
 
     def _post(self, op: str, local_ids: list[int], peer: str, remote_ids: list[int], notif: bytes, req: _Req) -> Any:
@@ -437,13 +436,19 @@ def _indices(grid: np.ndarray, block_ids: list[int]) -> np.ndarray | None:
     try:
         s = block_ids[0]
         if 0 <= s and s + n <= nb and block_ids == list(range(s, s + n)):  # one run of ids
-            return grid[:, s : s + n].ravel()
+            return _stretch_indices(grid, s, n)
         ids = np.fromiter(block_ids, np.int32, n)
     except (IndexError, OverflowError, TypeError, ValueError):  # none, or not an int32
         return None
     if ids.view(np.uint32).max() >= nb:  # a negative id reads as a huge uint32
         return None
     return (grid[:, :1] + ids).ravel()
+
+
+def _stretch_indices(grid: np.ndarray, first: int, n: int) -> np.ndarray | None:
+    """The indices of ids ``first .. first + n - 1`` on every layer: one slice of ``grid``;
+    None when they are not all blocks of it."""
+    return grid[:, first : first + n].ravel() if 0 <= first and 0 < n and first + n <= grid.shape[1] else None
 
 
 def _block_descs(base: int, num_layers: int, num_blocks: int, block_bytes: int, device_id: int) -> np.ndarray:
