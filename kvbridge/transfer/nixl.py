@@ -47,8 +47,9 @@ from kvbridge.transfer.base import (
     decode,
     encode,
 )
+from kvbridge.transfer.hooks import _Req
 from kvbridge.transfer.integrity import pack_ids
-from kvbridge.transfer.lifecycle import LAYOUT, LifecycleTransceiver, _Req
+from kvbridge.transfer.lifecycle import LAYOUT, LifecycleTransceiver
 
 __all__ = ["LAYOUT", "NixlTransceiver"]
 

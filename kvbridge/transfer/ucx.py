@@ -62,8 +62,9 @@ from kvbridge.transfer.base import (
     decode,
     encode,
 )
+from kvbridge.transfer.hooks import _Req
 from kvbridge.transfer.integrity import joint_runs, pack_ids, runs, runs_in_range, segments
-from kvbridge.transfer.lifecycle import LAYOUT, LifecycleTransceiver, _Req
+from kvbridge.transfer.lifecycle import LAYOUT, LifecycleTransceiver
 from kvbridge.transfer.ucp import (
     _MEMORY_TYPE_CUDA,
     _MEMORY_TYPE_HOST,
