@@ -102,6 +102,16 @@ def test_bfloat16_packed_linear_layers_change_no_token(prompts, monkeypatch):
         assert e.block_pool.num_free == e.block_pool.num_blocks
 
 
+def test_bfloat16_concurrent_prompts_give_the_tokens_each_gives_alone(prompts):
+    """The half-precision path (fused norm, chunked attention, packed products) treats every
+    row alike whatever the batch: what disaggregated = aggregated output rests on, since a
+    prefill worker batches a prompt with other prompts, an aggregated one with decodes."""
+    bf16 = LLMEngine(EngineConfig(dtype="bfloat16", kv_cache_memory_mb=128, max_num_batched_tokens=512))
+    alone = [bf16.generate([p], GREEDY)[0] for p in prompts]
+    assert bf16.generate(prompts, GREEDY) == alone
+    assert bf16.block_pool.num_free == bf16.block_pool.num_blocks
+
+
 def test_prefix_cache_hit_gives_identical_tokens(engine, prompts):
     first = engine.generate([prompts[0]], GREEDY)[0]
     hits_before = engine.stats().prefix_cache_hit_tokens

@@ -45,3 +45,20 @@ def test_packed_linear_keeps_leading_dimensions():
         y = PackedLinear(w, b)(x)
     assert y.shape == (2, 5, 48)
     assert torch.equal(y, F.linear(x, w, b))
+
+
+def test_a_row_gives_the_same_bits_alone_and_in_a_batch():
+    """oneDNN's one-row kernel sums in another order than its many-row one (at 1536 inputs,
+    ~1 row in 10 differed by an ulp); a row alone runs as two, so that a request's tokens do
+    not depend on what else is in its step."""
+    if not packing_works(torch.bfloat16):
+        assert pack_linears(_model(torch.bfloat16), torch.bfloat16, torch.device("cpu")) == 0
+        return
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.randn(576, 1536, generator=gen) * 0.05).to(torch.bfloat16)
+    x = (torch.randn(64, 1536, generator=gen) * torch.rand(64, 1, generator=gen) * 3).to(torch.bfloat16)
+    linear = PackedLinear(w, None)
+    with torch.inference_mode():
+        batch = linear(x)
+        for r in range(x.shape[0]):
+            assert torch.equal(linear(x[r : r + 1]), batch[r : r + 1]), f"row {r}"

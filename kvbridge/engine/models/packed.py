@@ -5,7 +5,9 @@ into its blocked layout on every call: for the few rows of a decode step, that r
 about as much as the product. Reordered once, the products of a decode step run 1.5-2x
 faster and those of a prompt ~5-10% faster (measured on this 2-core AVX-512 VM, bfloat16:
 gate|up 3072x576 at 8 rows 430 → 235 µs; the 49152x576 output head 5.8 → 2.8 ms), with
-results bit-identical to ``F.linear`` (``pack_linears`` checks that before using it).
+results bit-identical to ``F.linear`` (``pack_linears`` checks that before using it), except
+that a single row runs as two: oneDNN's one-row kernel sums in another order, and a row must
+give the same bits whatever else is in its batch.
 
 torch exposes the two oneDNN calls as ``torch.ops.mkldnn._reorder_linear_weight`` and
 ``_linear_pointwise`` (what its compiler uses for frozen CPU models). Where they are
@@ -36,8 +38,19 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias, "none", [], "")
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] == 1:
+            # oneDNN's one-row kernel sums in another order than its many-row one: at 1536
+            # inputs (the default model's down projection) 1 row in ~10 came out 1 ulp apart.
+            # A row must not depend on the batch it is in (disaggregated = aggregated output,
+            # one request = many), so one row runs as two; the matrix kernel is as fast here.
+            y = self._product(rows.expand(2, -1).contiguous())[:1]
+        else:
+            y = self._product(rows)
         return y.view(*lead, self.out_features)
+
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
 
 
 def packing_works(dtype: torch.dtype) -> bool:
