@@ -36,6 +36,21 @@ class AttentionBatch:
     decode_kv_rows: torch.Tensor | None  # (2, B, nkv, L) cache rows of their K/V, padded
     decode_mask: torch.Tensor | None  # (B, 1, L) True where a key is valid
     prefills: list[PrefillSeq] = field(default_factory=list)
+    # derived once per step, so that the 30-odd layers do not each redo them
+    decode_only: bool = field(init=False)  # every row is a decode, in order: no gather/scatter of q
+    decode_hidden: torch.Tensor | None = field(init=False)  # ~decode_mask
+    _causal: dict[int, torch.Tensor] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.decode_only = not self.prefills and len(self.decode_rows) == len(self.positions)
+        self.decode_hidden = None if self.decode_mask is None else ~self.decode_mask
+
+    def hidden_above_diagonal(self, n: int, device: torch.device) -> torch.Tensor:
+        """(n, n) True where query i of a chunk must not see key j of the same chunk (j > i)."""
+        mask = self._causal.get(n)
+        if mask is None:
+            mask = self._causal[n] = torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
+        return mask
 
 
 def cache_rows(block_ids: torch.Tensor, length: int, nkv: int, bs: int) -> torch.Tensor:
@@ -76,22 +91,20 @@ def read_kv(kv_layer: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, t
 SCORE_ELEMENTS = 1 << 20
 
 
-def grouped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, mask_from: int = 0
-) -> torch.Tensor:
-    """Plain softmax(q k^T) v with grouped heads, scores in float32.
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor | None, hidden_from: int = 0) -> torch.Tensor:
+    """Plain softmax(q k^T) v with grouped heads, scores in float32; q comes scaled.
 
-    q (..., nkv, g, Q, hd), k/v (..., nkv, L, hd); ``mask`` covers the keys from ``mask_from``
-    on (keys before it are visible to every query) and broadcasts to (..., nkv, g, Q, L - mask_from).
+    q (..., nkv, g, Q, hd), k/v (..., nkv, L, hd); ``hidden`` is True where a key is masked,
+    covers the keys from ``hidden_from`` on (keys before it are visible to every query) and
+    broadcasts to (..., nkv, g, Q, L - hidden_from).
     On CPU the fused SDPA kernel is slow for half precision; this is two batched matmuls in
     the model's dtype.
     """
     *lead, nkv, g, nq, hd = q.shape
-    qf = (q * scale).reshape(*lead, nkv, g * nq, hd)
-    s = torch.matmul(qf, k.transpose(-1, -2)).float()  # (..., nkv, g*Q, L)
+    s = torch.matmul(q.reshape(*lead, nkv, g * nq, hd), k.transpose(-1, -2)).float()  # (..., nkv, g*Q, L)
     s = s.view(*lead, nkv, g, nq, -1)
-    if mask is not None:
-        s[..., mask_from:].masked_fill_(~mask, float("-inf"))
+    if hidden is not None:
+        s[..., hidden_from:].masked_fill_(hidden, float("-inf"))
     p = torch.softmax(s, dim=-1).to(v.dtype).view(*lead, nkv, g * nq, -1)
     return torch.matmul(p, v).view(*lead, nkv, g, nq, hd)
 
@@ -104,47 +117,62 @@ def paged_attention(
     float32 uses torch's fused SDPA (bit-compatible with transformers' default path);
     bfloat16/float16 use ``grouped_attention``: torch's fused CPU kernel is several times
     slower in half precision, for decode and for long prompts alike."""
-    out = torch.empty_like(q)
+    if q.dtype == torch.float32:
+        return _fused_attention(q, k, v, kv_layer, batch, scale)
     T, nh, hd = q.shape
     nkv = k.shape[1]
     g = nh // nkv
-    fused = q.dtype == torch.float32
+    q = q * scale  # once for every request and query chunk of the step
     if batch.decode_kv_rows is not None:
         kd, vd = read_kv(kv_layer, batch.decode_kv_rows)  # (B, nkv, L, hd)
-        qd = q[batch.decode_rows]  # (B, nh, hd)
-        mask = batch.decode_mask
-        if fused:
-            od = F.scaled_dot_product_attention(qd.unsqueeze(2), kd, vd, attn_mask=mask[:, None], scale=scale, enable_gqa=True)
-            out[batch.decode_rows] = od.squeeze(2)
-        else:
-            od = grouped_attention(qd.view(-1, nkv, g, 1, hd), kd, vd, mask[:, None, None], scale)  # (B, nkv, g, 1, hd)
-            out[batch.decode_rows] = od.reshape(-1, nh, hd)
+        qd = q if batch.decode_only else q[batch.decode_rows]  # (B, nh, hd)
+        od = grouped_attention(qd.view(-1, nkv, g, 1, hd), kd, vd, batch.decode_hidden[:, None, None])  # (B, nkv, g, 1, hd)
+        if batch.decode_only:
+            return od.view(T, nh, hd)
+    out = torch.empty_like(q)
+    if batch.decode_kv_rows is not None:
+        out[batch.decode_rows] = od.view(-1, nh, hd)
     for p in batch.prefills:
-        rows = slice(p.start, p.start + p.num_new)
-        fresh = p.kv_rows is None  # no earlier context: attend to the chunk itself
-        if fresh:
-            kp, vp = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # (nkv, Q, hd)
+        if p.kv_rows is None:  # no earlier context: attend to the chunk itself
+            # contiguous once, not copied by every query chunk's matmul
+            kp, vp = (x[p.start : p.start + p.num_new].transpose(0, 1).contiguous() for x in (k, v))  # (nkv, Q, hd)
         else:
             kp, vp = read_kv(kv_layer, p.kv_rows)  # (nkv, ctx, hd)
         first = p.ctx_len - p.num_new  # position of the first query
-        if fused:
-            qp = q[rows].transpose(0, 1)  # (nh, Q, hd)
-            if fresh:
-                op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
-            else:
-                mask = _causal_mask(first, p.ctx_len, q.device)
-                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
-            out[rows] = op.transpose(0, 1)
-            continue
-        # half precision: query chunks small enough that a chunk's scores stay a few MB
+        # query chunks small enough that a chunk's scores stay a few MB
         step = max(1, SCORE_ELEMENTS // (nh * p.ctx_len))
         for q0 in range(0, p.num_new, step):
             q1 = min(p.num_new, q0 + step)
             ctx = first + q1  # keys past the chunk's last query are never seen
             qp = q[p.start + q0 : p.start + q1].view(q1 - q0, nkv, g, hd).permute(1, 2, 0, 3)  # (nkv, g, Qc, hd)
-            diag = _causal_mask(first + q0, ctx, q.device)[:, first + q0 :]  # (Qc, Qc): earlier keys all visible
-            op = grouped_attention(qp, kp[:, :ctx], vp[:, :ctx], diag, scale, mask_from=first + q0)  # (nkv, g, Qc, hd)
-            out[p.start + q0 : p.start + q1] = op.permute(2, 0, 1, 3).reshape(q1 - q0, nh, hd)
+            hidden = batch.hidden_above_diagonal(q1 - q0, q.device)  # earlier keys all visible
+            op = grouped_attention(qp, kp[:, :ctx], vp[:, :ctx], hidden, hidden_from=first + q0)  # (nkv, g, Qc, hd)
+            out[p.start + q0 : p.start + q1].view(q1 - q0, nkv, g, hd).copy_(op.permute(2, 0, 1, 3))
+    return out
+
+
+def _fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, batch: AttentionBatch, scale: float
+) -> torch.Tensor:
+    """float32: torch's SDPA, the kernel transformers' default path runs."""
+    out = torch.empty_like(q)
+    if batch.decode_kv_rows is not None:
+        kd, vd = read_kv(kv_layer, batch.decode_kv_rows)  # (B, nkv, L, hd)
+        qd = q[batch.decode_rows].unsqueeze(2)  # (B, nh, 1, hd)
+        mask = batch.decode_mask[:, None]
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[batch.decode_rows] = od.squeeze(2)
+    for p in batch.prefills:
+        rows = slice(p.start, p.start + p.num_new)
+        qp = q[rows].transpose(0, 1)  # (nh, Q, hd)
+        if p.kv_rows is None:  # no earlier context: attend to the chunk itself
+            kp, vp = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # (nkv, Q, hd)
+            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            kp, vp = read_kv(kv_layer, p.kv_rows)  # (nkv, ctx, hd)
+            mask = _causal_mask(p.ctx_len - p.num_new, p.ctx_len, q.device)
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[rows] = op.transpose(0, 1)
     return out
 
 
