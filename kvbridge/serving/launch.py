@@ -252,15 +252,23 @@ def plan_cpus(
     return plan
 
 
+# libgomp's spin after a parallel region, for a worker that shares its cores: ~1000 pause loops,
+# tens of µs, enough to catch the next region of a prompt without a futex wake-up, too short to
+# take much of a busy neighbour's CPU (docs/tuning.md has the measurements)
+SHARED_CORE_SPINCOUNT = "1000"
+
+
 def worker_env(env: dict[str, str], shares_cores: bool) -> dict[str, str]:
-    """A worker that shares its cores with other workers waits passively at OpenMP barriers:
+    """A worker that shares its cores with other workers spins only briefly at OpenMP barriers:
     libgomp's default spins up to a few ms after each parallel region, and on cores shared
     with the decode worker that spinning took the decode worker's CPU (2 cores: chat
-    requests/s 1.3-1.5 passive, 0.9 spinning). A worker with cores of its own keeps the
-    default. OMP_WAIT_POLICY set by the user wins."""
-    if not shares_cores or "OMP_WAIT_POLICY" in env:
+    requests/s 1.3-1.5 passive, 0.9 spinning); not spinning at all costs a wake-up per region
+    (2048-token TTFT 2.8-3.1 s, against 2.6-2.7 s with the short spin). OMP_WAIT_POLICY=PASSIVE
+    covers OpenMP runtimes other than libgomp. A worker with cores of its own keeps the
+    default. OMP_WAIT_POLICY or GOMP_SPINCOUNT set by the user wins."""
+    if not shares_cores or "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
         return env
-    return {**env, "OMP_WAIT_POLICY": "PASSIVE"}
+    return {**env, "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": SHARED_CORE_SPINCOUNT}
 
 
 def worker_argv(cfg_path: str, role: str, worker_id: str, etcd: str, nats: str, cfg: Config,

@@ -21,8 +21,9 @@ def test_one_core_or_no_prefill_means_no_pinning():
     assert plan_cpus(0, 2, cores=[0, 1]) == {"decode-0": None, "decode-1": None}
 
 
-def test_workers_that_share_cores_wait_passively_at_openmp_barriers():
+def test_workers_that_share_cores_spin_only_briefly_at_openmp_barriers():
     env = {"PATH": "/bin"}
-    assert worker_env(env, shares_cores=True) == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert worker_env(env, shares_cores=True) == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
     assert worker_env(env, shares_cores=False) == env  # cores of its own: libgomp's default spin
     assert worker_env({"OMP_WAIT_POLICY": "ACTIVE"}, shares_cores=True) == {"OMP_WAIT_POLICY": "ACTIVE"}  # the user's
+    assert worker_env({"GOMP_SPINCOUNT": "0"}, shares_cores=True) == {"GOMP_SPINCOUNT": "0"}
