@@ -78,3 +78,43 @@ def test_paged_attention_matches_dense(dtype, score_elements, monkeypatch):
         ref = dense(qp.float(), full_k[name].float(), full_v[name].float(), cached)
         torch.testing.assert_close(out[r : r + new].float(), ref, **tol)
         r += new
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_step_of_decodes_only_matches_dense(dtype):
+    """Every row a decode (the steady state of serving): q is used in place, not gathered."""
+    torch.manual_seed(1)
+    kv_layer = torch.zeros(NB, 2, NKV, BS, HD, dtype=dtype)
+    perm = torch.randperm(NB).tolist()
+    cached = [9, 3, 14]  # tokens before each request's new one
+    tables, full_k, full_v, slots, used = [], [], [], [], 0
+    for c in cached:
+        n = -(-(c + 1) // BS)
+        tables.append(perm[used : used + n])
+        used += n
+        full_k.append(torch.randn(c + 1, NKV, HD).to(dtype))
+        full_v.append(torch.randn(c + 1, NKV, HD).to(dtype))
+        t = torch.tensor(tables[-1])
+        pos = torch.arange(c)
+        rows = token_rows(t[pos // BS], pos % BS, NKV, BS)
+        kv_layer.view(-1, HD).index_copy_(0, rows, torch.stack((full_k[-1][:c], full_v[-1][:c]), 1).reshape(-1, HD))
+        slots.append((t[c // BS], c % BS))
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    batch = AttentionBatch(
+        positions=torch.tensor(cached),
+        write_rows=token_rows(torch.stack([b for b, _ in slots]), torch.tensor([o for _, o in slots]), NKV, BS),
+        logits_indices=torch.arange(3),
+        decode_rows=torch.arange(3),
+        decode_kv_rows=cache_rows(padded, width * BS, NKV, BS),
+        decode_mask=(torch.arange(width * BS)[None, :] <= torch.tensor(cached)[:, None])[:, None, :],
+    )
+    assert batch.decode_only
+    q = torch.randn(3, NKV * G, HD).to(dtype)
+    k, v = torch.stack([x[-1] for x in full_k]), torch.stack([x[-1] for x in full_v])
+    write_kv(kv_layer, k, v, batch)
+    out = paged_attention(q, k, v, kv_layer, batch, HD**-0.5)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for i, c in enumerate(cached):
+        ref = dense(q[i : i + 1].float(), full_k[i].float(), full_v[i].float(), c)
+        torch.testing.assert_close(out[i : i + 1].float(), ref, **tol)
