@@ -20,7 +20,7 @@ from kvbridge.engine.block_pool import BlockPool
 from kvbridge.engine.kv_cache import TORCH_DTYPES, KVCache, KVLayout, num_blocks_for_memory
 from kvbridge.engine.model_runner import ModelRunner
 from kvbridge.engine.models.llama import LlamaModel, Rotary
-from kvbridge.engine.models.packed import pack_linears
+from kvbridge.engine.models.packed import pack_linears, pad_small_batches
 from kvbridge.engine.output import OutputState, emit, token_stop
 from kvbridge.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
 from kvbridge.engine.sampler import sample
@@ -106,6 +106,7 @@ class LLMEngine:
             model.lm_head.weight = model.embed_tokens.weight
         model.rope = Rotary(spec.head_dim, spec.rope_theta, self.max_model_len, device)
         self.packed_linears = pack_linears(model, dtype, device)  # after tying: the head is packed apart
+        pad_small_batches(model, dtype, device)  # float32: a row's bits must not depend on its batch
         self.model = model.eval()
         del weights
 

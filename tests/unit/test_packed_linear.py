@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvbridge.engine.models.packed import PackedLinear, pack_linears, packing_works
+from kvbridge.engine.models.packed import Linear, PackedLinear, pack_linears, packing_works, pad_small_batches
 
 
 def _model(dtype: torch.dtype) -> nn.Module:
@@ -62,3 +62,24 @@ def test_a_row_gives_the_same_bits_alone_and_in_a_batch():
         batch = linear(x)
         for r in range(x.shape[0]):
             assert torch.equal(linear(x[r : r + 1]), batch[r : r + 1]), f"row {r}"
+
+
+def test_float32_small_batches_pad_so_a_row_gives_the_same_bits_in_any_batch():
+    """MKL multiplies fewer than 12 float32 rows with other kernels, which match larger batches
+    only for multiples of 4; the engine's layers pad small batches, so that a row's bits do
+    not depend on its batch."""
+    gen = torch.Generator().manual_seed(2)
+    layer = Linear(576, 960, bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(960, 576, generator=gen) * 0.05)
+        layer.bias.copy_(torch.randn(960, generator=gen))
+    model = nn.Sequential(layer)
+    assert pad_small_batches(model, torch.float32, torch.device("cpu")) == 1
+    assert pad_small_batches(_model(torch.bfloat16), torch.bfloat16, torch.device("cpu")) == 0  # not nn.Linear's subclass
+    x = torch.randn(16, 576, generator=gen)
+    with torch.inference_mode():
+        batch = layer(x)
+        for rows in range(1, 16):
+            for r in range(0, 16 - rows + 1, rows):
+                assert torch.equal(layer(x[r : r + rows]), batch[r : r + rows]), f"{rows} rows at {r}"
+        assert layer(x.view(2, 8, 576)).shape == (2, 8, 960)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvbridge.engine.attention import AttentionBatch, paged_attention, write_kv
+from kvbridge.engine.models.packed import Linear
 from kvbridge.engine.models.spec import ModelSpec
 
 
@@ -69,8 +70,8 @@ class Attention(nn.Module):
         self.nh, self.nkv, self.hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q, kv = self.nh * self.hd, self.nkv * self.hd
         self.split = (q, kv, kv)
-        self.qkv_proj = nn.Linear(spec.hidden_size, q + 2 * kv, bias=spec.attention_bias)  # fused q|k|v
-        self.o_proj = nn.Linear(q, spec.hidden_size, bias=False)
+        self.qkv_proj = Linear(spec.hidden_size, q + 2 * kv, bias=spec.attention_bias)  # fused q|k|v
+        self.o_proj = Linear(q, spec.hidden_size, bias=False)
         self.scale = self.hd**-0.5
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_layer: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
@@ -89,8 +90,8 @@ class MLP(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.inter = spec.intermediate_size
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)  # fused gate|up
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.gate_up_proj = Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)  # fused gate|up
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -117,7 +118,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rope = Rotary(spec.head_dim, spec.rope_theta, max_len, device)
         self.requires_grad_(False)
 

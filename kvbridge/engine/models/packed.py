@@ -6,13 +6,12 @@ about as much as the product. Reordered once, the products of a decode step run 
 faster and those of a prompt ~5-10% faster (measured on this 2-core AVX-512 VM, bfloat16:
 gate|up 3072x576 at 8 rows 430 → 235 µs; the 49152x576 output head 5.8 → 2.8 ms), with
 results bit-identical to ``F.linear`` (``pack_linears`` checks that before using it), except
-that a single row runs as two: oneDNN's one-row kernel sums in another order, and a row must
-give the same bits whatever else is in its batch.
+that a single row runs as two (``pad_rows``: a row must give the same bits in any batch).
 
 torch exposes the two oneDNN calls as ``torch.ops.mkldnn._reorder_linear_weight`` and
 ``_linear_pointwise`` (what its compiler uses for frozen CPU models). Where they are
-missing or differ, the model keeps ``nn.Linear``: float32 keeps it always (its products
-must match transformers' bit for bit), and so do CUDA and float16 without AVX-512 FP16.
+missing or differ, the model keeps ``nn.Linear``: float32 keeps it always (MKL's products,
+which transformers' also are), and so do CUDA and float16 without AVX-512 FP16.
 """
 
 from __future__ import annotations
@@ -26,6 +25,49 @@ from torch import nn
 log = logging.getLogger("kvbridge.engine.packed")
 
 
+def pad_rows(product, x: torch.Tensor, run_rows, in_features: int, out_features: int) -> torch.Tensor:
+    """``product`` of x's rows, where n rows run as ``run_rows(n)`` (the last row repeated).
+
+    CPU kernels multiply a few rows in another way than many, and sum in another order:
+    oneDNN's bfloat16 one-row kernel (at 1536 inputs ~1 row in 10 came out 1 ulp apart) and
+    MKL's float32 kernels for fewer than 12 rows, whose rows past a multiple of 4 differed in
+    the last bit, every one. A row must give the same bits whatever else is in its batch:
+    disaggregated output = aggregated output, one request = many, rest on it."""
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, in_features)
+    n = rows.shape[0]
+    m = run_rows(n) if n else n
+    if m > n:
+        return product(torch.cat((rows, rows[-1:].expand(m - n, -1))))[:n].view(*lead, out_features)
+    return product(rows).view(*lead, out_features)
+
+
+def plain_rows(n: int) -> int:
+    return n
+
+
+def float32_rows(n: int) -> int:
+    """MKL (AVX-512), float32: below 12 rows only multiples of 4 match larger batches."""
+    return n if n >= 12 else -(-n // 4) * 4
+
+
+def packed_rows(n: int) -> int:
+    """oneDNN, packed bfloat16 weights: every batch but a single row matches larger ones."""
+    return 2 if n == 1 else n
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose small batches run padded (see ``pad_rows``) when ``run_rows`` says
+    so; the engine sets ``float32_rows`` on CPU in float32 (``pad_small_batches``)."""
+
+    run_rows = staticmethod(plain_rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.run_rows is plain_rows:
+            return super().forward(x)
+        return pad_rows(super().forward, x, self.run_rows, self.in_features, self.out_features)
+
+
 class PackedLinear(nn.Module):
     """``x @ weight.T + bias`` with the weight in oneDNN's blocked layout (an opaque mkldnn
     tensor, not a parameter)."""
@@ -37,17 +79,7 @@ class PackedLinear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] == 1:
-            # oneDNN's one-row kernel sums in another order than its many-row one: at 1536
-            # inputs (the default model's down projection) 1 row in ~10 came out 1 ulp apart.
-            # A row must not depend on the batch it is in (disaggregated = aggregated output,
-            # one request = many), so one row runs as two; the matrix kernel is as fast here.
-            y = self._product(rows.expand(2, -1).contiguous())[:1]
-        else:
-            y = self._product(rows)
-        return y.view(*lead, self.out_features)
+        return pad_rows(self._product, x, packed_rows, self.in_features, self.out_features)
 
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
@@ -84,3 +116,14 @@ def pack_linears(model: nn.Module, dtype: torch.dtype, device: torch.device) -> 
                 setattr(parent, name, PackedLinear(child.weight, child.bias))
                 count += 1
     return count
+
+
+def pad_small_batches(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+    """float32 on CPU: every ``Linear`` of ``model`` pads small batches (``float32_rows``), so
+    that no row depends on its batch; returns how many layers pad."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    for m in layers:
+        m.run_rows = float32_rows
+    return len(layers)
