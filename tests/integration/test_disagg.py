@@ -34,6 +34,7 @@ QUESTIONS = [
     "List three prime numbers.",
 ]
 MAX_TOKENS = 20
+LOGPROBS: list[list[float]] = []  # the reference's, filled by the fixture
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +49,16 @@ def reference():
     answers, token_str = [], []
     for i, p in enumerate(prompts):
         engine.add_request(f"ref-{i}", p, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=True))
-        ids, text, toks = [], "", []
+        ids, text, toks, lps = [], "", [], []
         while engine.has_unfinished_requests():
             for o in engine.step():
                 ids += o.new_token_ids
                 text += o.new_text
                 toks += [tok.decode([t]) for t in o.new_token_ids[: len(o.new_logprobs or [])]]  # EOS has none
+                lps += o.new_logprobs or []
         answers.append((ids, text))
         token_str.append(toks)
+        LOGPROBS.append(lps)
     return prompts, answers, token_str
 
 
@@ -109,6 +112,28 @@ def test_disaggregated_equals_aggregated_streaming(cluster, reference):
                 finish = c["finish_reason"] or finish
         assert (got_text, got_toks) == (text, toks)
         assert finish in ("stop", "length")
+    cluster.wait_pools_full()
+
+
+def test_concurrent_requests_give_the_bits_each_gives_alone(cluster, reference):
+    """All prompts at once: the prefill worker batches them together and the decode worker
+    decodes them together, while the reference ran each alone. Tokens and logprobs (floats,
+    compared exactly) must be those of the reference: no row depends on its batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts, answers, token_str = reference
+
+    def post(p: list[int]) -> dict:
+        r = httpx.post(f"{cluster.url}/v1/completions", json=body(p), timeout=60, trust_env=False)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        choices = list(pool.map(post, prompts))
+    for choice, (_ids, text), toks, lps in zip(choices, answers, token_str, LOGPROBS):
+        assert choice["text"] == text
+        assert choice["logprobs"]["tokens"] == toks
+        assert choice["logprobs"]["token_logprobs"] == lps
     cluster.wait_pools_full()
 
 

@@ -118,3 +118,28 @@ def test_a_step_of_decodes_only_matches_dense(dtype):
     for i, c in enumerate(cached):
         ref = dense(q[i : i + 1].float(), full_k[i].float(), full_v[i].float(), c)
         torch.testing.assert_close(out[i : i + 1].float(), ref, **tol)
+
+
+def test_float32_tail_after_a_cached_prefix_gives_the_bits_of_the_whole_prompt():
+    """A prefix-cache hit leaves 1-3 new tokens to compute; SDPA sums so few float32 queries
+    in another order than a whole prompt's, so the tail is padded to SDPA_MIN_QUERIES queries."""
+    torch.manual_seed(3)
+    total, nkv, g, hd, bs = 35, 3, 3, 64, 16
+    table = torch.tensor([5, 2, 7])
+    q, k, v = torch.randn(total, nkv * g, hd), torch.randn(total, nkv, hd), torch.randn(total, nkv, hd)
+    pos = torch.arange(total)
+    rows = token_rows(table[pos // bs], pos % bs, nkv, bs)
+    kv_layer = torch.zeros(8, 2, nkv, bs, hd)
+    kv_layer.view(-1, hd).index_copy_(0, rows, torch.stack((k, v), 1).reshape(-1, hd))
+
+    def batch(first: int, prefill: PrefillSeq) -> AttentionBatch:
+        n = total - first
+        return AttentionBatch(pos[first:], rows.view(total, -1)[first:].reshape(-1), torch.tensor([n - 1]),
+                              torch.tensor([], dtype=torch.long), None, None, [prefill])  # fmt: skip
+
+    whole = paged_attention(q, k, v, kv_layer, batch(0, PrefillSeq(0, total, total, None)), hd**-0.5)
+    for new in (1, 2, 3, 4, 7):
+        first = total - new
+        cached = PrefillSeq(0, new, total, cache_rows(table, total, nkv, bs))
+        tail = paged_attention(q[first:], k[first:], v[first:], kv_layer, batch(first, cached), hd**-0.5)
+        assert torch.equal(tail, whole[first:]), f"{new} new tokens"
