@@ -120,16 +120,18 @@ def test_a_step_of_decodes_only_matches_dense(dtype):
         torch.testing.assert_close(out[i : i + 1].float(), ref, **tol)
 
 
-def test_float32_tail_after_a_cached_prefix_gives_the_bits_of_the_whole_prompt():
-    """A prefix-cache hit leaves 1-3 new tokens to compute; SDPA sums so few float32 queries
-    in another order than a whole prompt's, so the tail is padded to SDPA_MIN_QUERIES queries."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tail_after_a_cached_prefix_gives_the_bits_of_the_whole_prompt(dtype):
+    """A prefix-cache hit leaves a few new tokens to compute. float32: SDPA sums 1-3 queries
+    in another order than a whole prompt's, so the tail is padded to SDPA_MIN_QUERIES queries;
+    bfloat16: the grouped matmuls need nothing."""
     torch.manual_seed(3)
     total, nkv, g, hd, bs = 35, 3, 3, 64, 16
     table = torch.tensor([5, 2, 7])
-    q, k, v = torch.randn(total, nkv * g, hd), torch.randn(total, nkv, hd), torch.randn(total, nkv, hd)
+    q, k, v = (torch.randn(total, n, hd).to(dtype) for n in (nkv * g, nkv, nkv))
     pos = torch.arange(total)
     rows = token_rows(table[pos // bs], pos % bs, nkv, bs)
-    kv_layer = torch.zeros(8, 2, nkv, bs, hd)
+    kv_layer = torch.zeros(8, 2, nkv, bs, hd, dtype=dtype)
     kv_layer.view(-1, hd).index_copy_(0, rows, torch.stack((k, v), 1).reshape(-1, hd))
 
     def batch(first: int, prefill: PrefillSeq) -> AttentionBatch:
