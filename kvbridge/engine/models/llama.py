@@ -35,24 +35,22 @@ class RMSNorm(nn.Module):
 
 
 class Rotary:
-    """cos/sin tables for positions 0..max_len-1 (float32, as HF computes them)."""
+    """cos/sin tables for positions 0..max_len-1 (float32, as HF computes them).
+
+    The sin table's first half is negated, so that ``apply`` rotates without a negation:
+    (-x2) * sin and x2 * (-sin) are the same number, bit for bit."""
 
     def __init__(self, head_dim: int, base: float, max_len: int, device: torch.device) -> None:
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float().to(device) / head_dim))
         pos = torch.arange(max_len, dtype=torch.float32, device=device)
         freqs = pos[:, None] * inv_freq[None, :]  # (L, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
-        self.cos, self.sin = emb.cos(), emb.sin()
+        self.cos = torch.cat((freqs, freqs), dim=-1).cos()  # (L, hd)
+        sin = freqs.sin()
+        self.signed_sin = torch.cat((-sin, sin), dim=-1)  # (L, hd)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin (T, 1, hd) of a step's positions: once per step, shared by every layer.
-
-        The sin table's first half is negated, so that ``apply`` rotates without a negation:
-        (-x2) * sin and x2 * (-sin) are the same number, bit for bit."""
-        sin = self.sin[positions]
-        half = sin.shape[-1] // 2
-        signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-        return self.cos[positions].unsqueeze(1).to(dtype), signed.unsqueeze(1).to(dtype)
+        """cos and signed sin (T, 1, hd) of a step's positions: once per step, shared by every layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.signed_sin[positions].unsqueeze(1).to(dtype)
 
     @staticmethod
     def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

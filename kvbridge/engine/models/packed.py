@@ -36,7 +36,7 @@ def pad_rows(product, x: torch.Tensor, run_rows, in_features: int, out_features:
     lead = x.shape[:-1]
     rows = x.reshape(-1, in_features)
     n = rows.shape[0]
-    m = run_rows(n) if n else n
+    m = run_rows(n)
     if m > n:
         return product(torch.cat((rows, rows[-1:].expand(m - n, -1))))[:n].view(*lead, out_features)
     return product(rows).view(*lead, out_features)
