@@ -34,19 +34,19 @@ QUESTIONS = [
     "List three prime numbers.",
 ]
 MAX_TOKENS = 20
-LOGPROBS: list[list[float]] = []  # the reference's, filled by the fixture
 
 
 @pytest.fixture(scope="module")
 def reference():
-    """Prompts (token ids) and what one engine alone answers: (token ids, text) each."""
+    """Prompts (token ids) and what one engine alone answers: (token ids, text), token strings
+    and logprob values, each."""
     from kvbridge.engine.engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_memory_mb=24, num_threads=1))
     tok = engine.tokenizer
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True),
                           add_special_tokens=False) for q in QUESTIONS]  # fmt: skip
-    answers, token_str = [], []
+    answers, token_str, logprobs = [], [], []
     for i, p in enumerate(prompts):
         engine.add_request(f"ref-{i}", p, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=True))
         ids, text, toks, lps = [], "", [], []
@@ -58,8 +58,8 @@ def reference():
                 lps += o.new_logprobs or []
         answers.append((ids, text))
         token_str.append(toks)
-        LOGPROBS.append(lps)
-    return prompts, answers, token_str
+        logprobs.append(lps)
+    return prompts, answers, token_str, logprobs
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_cluster_started_one_prefill_and_one_decode_worker(cluster):
 
 
 def test_disaggregated_equals_aggregated_non_streaming(cluster, reference):
-    prompts, answers, token_str = reference
+    prompts, answers, token_str, _ = reference
     before = cluster.metric("kvbridge_prefill_mode_total", mode="remote")
     for p, (ids, text), toks in zip(prompts, answers, token_str):
         r = httpx.post(f"{cluster.url}/v1/completions", json=body(p), timeout=60, trust_env=False)
@@ -96,7 +96,7 @@ def test_disaggregated_equals_aggregated_non_streaming(cluster, reference):
 
 
 def test_disaggregated_equals_aggregated_streaming(cluster, reference):
-    prompts, answers, token_str = reference
+    prompts, answers, token_str, _ = reference
     for p, (_ids, text), toks in zip(prompts, answers, token_str):
         got_text, got_toks, finish = "", [], None
         with httpx.stream("POST", f"{cluster.url}/v1/completions", json=body(p, stream=True), timeout=60, trust_env=False) as r:
@@ -121,7 +121,7 @@ def test_concurrent_requests_give_the_bits_each_gives_alone(cluster, reference):
     compared exactly) must be those of the reference: no row depends on its batch."""
     from concurrent.futures import ThreadPoolExecutor
 
-    prompts, answers, token_str = reference
+    prompts, answers, token_str, logprobs = reference
 
     def post(p: list[int]) -> dict:
         r = httpx.post(f"{cluster.url}/v1/completions", json=body(p), timeout=60, trust_env=False)
@@ -130,7 +130,7 @@ def test_concurrent_requests_give_the_bits_each_gives_alone(cluster, reference):
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         choices = list(pool.map(post, prompts))
-    for choice, (_ids, text), toks, lps in zip(choices, answers, token_str, LOGPROBS):
+    for choice, (_ids, text), toks, lps in zip(choices, answers, token_str, logprobs):
         assert choice["text"] == text
         assert choice["logprobs"]["tokens"] == toks
         assert choice["logprobs"]["token_logprobs"] == lps
