@@ -6,9 +6,13 @@ each size, after warm-up:
 
     transceiver   decode reserves and calls receive() for every request first (as at
                   admission), and the prefill side takes them in (as its engine loop
-                  does while computing), not timed; then it times send() → DONE, one
-                  request after the other (the part of a request's critical path the
-                  transceiver owns), while the decode side collects its DONE events
+                  does while computing), not timed; then the prefill side sends them one
+                  after the other, and each is timed from send() to its initiator's DONE,
+                  where bare NIXL's time ends too: push, the prefill's (WRITE complete);
+                  pull, the decode's (READ complete, ReadDone posted: the decode side can
+                  run the request). That is the part of a request's critical path the
+                  transceiver owns. ``src+ us``: the same to the source's DONE (pull: one
+                  notification later, when the prefill may free its blocks)
     bare NIXL     make_prepped_xfer + transfer + busy-poll to DONE, and the notification the
                   transceiver also needs (push: WRITE with notif; pull: READ then notif),
                   on the NIXL transceiver's agents, registrations and prepared lists (for
@@ -60,6 +64,7 @@ class Row:
     bare_s: float  # seconds per transfer, bare NIXL (same mode)
     memcpy_s: float
     paired_ratio: float = float("nan")  # median over rounds of bare / transceiver, each round side by side
+    source_s: float = float("nan")  # seconds per transfer to the source's DONE (pull: one notification later)
 
     @property
     def trx_gbs(self) -> float:
@@ -80,6 +85,10 @@ class Row:
     @property
     def added_us(self) -> float:
         return (self.trx_s - self.bare_s) * 1e6 if self.bare_s else float("nan")
+
+    @property
+    def source_added_us(self) -> float:
+        return (self.source_s - self.bare_s) * 1e6 if self.bare_s else float("nan")
 
 
 # --------------------------------------------------------------------------- peer process
@@ -121,12 +130,19 @@ def _peer(conn: Any, role: str, num_blocks: int) -> None:
                 for i in range(iters):
                     t.receive(f"{prefix}-{i}", peer, list(range(nb)))
                 res = None
-            elif cmd == "collect":  # decode: wait for (iters) DONE events
-                evs = t.wait(300.0, min_events=args[0])
-                if len(evs) < args[0] or not all(e.ok for e in evs):
-                    raise RuntimeError(f"decode: {sum(e.ok for e in evs)}/{args[0]} transfers done: {evs[:3]}")
-                res = None
-            elif cmd == "send_all":  # prefill: (prefix, nblocks, iters) → seconds per transfer, send() → DONE
+            elif cmd == "collect":  # decode: wait for (iters) DONE events → {request id: when it came}
+                res = {}
+                deadline = time.monotonic() + 300.0
+                while len(res) < args[0] and time.monotonic() < deadline:
+                    evs = t.wait(deadline - time.monotonic(), min_events=1)
+                    now = time.perf_counter()  # CLOCK_MONOTONIC: one clock for both processes
+                    for e in evs:
+                        if not e.ok:
+                            raise RuntimeError(f"decode: transfer {e.request_id} failed: {e}")
+                        res[e.request_id] = now
+                if len(res) < args[0]:
+                    raise RuntimeError(f"decode: {len(res)}/{args[0]} transfers done")
+            elif cmd == "send_all":  # prefill: (prefix, nblocks, iters) → [(request id, send() called, DONE)]
                 prefix, nb, iters = args
                 ids = list(range(nb))
                 # first take in the receivers' requests (not timed), as a worker's engine
@@ -137,13 +153,14 @@ def _peer(conn: Any, role: str, num_blocks: int) -> None:
                     time.sleep(0)
                 if len(t._asked) < iters:
                     raise RuntimeError(f"prefill: {len(t._asked)}/{iters} receive requests arrived")
-                t0 = time.perf_counter()
+                res = []
                 for i in range(iters):
+                    t0 = time.perf_counter()
                     t.send(f"{prefix}-{i}", ids)
                     evs = t.wait(120.0)
                     if not evs or not evs[0].ok:
                         raise RuntimeError(f"transfer {prefix}-{i} failed: {evs}")
-                res = (time.perf_counter() - t0) / iters
+                    res.append((f"{prefix}-{i}", t0, time.perf_counter()))
             elif cmd == "bare_init":  # (op, nblocks, iters): initiator loop on the same agent and lists
                 res = _bare_initiator(t, args[0], args[1], args[2])
             elif cmd == "bare_target":  # (iters): wait for that many notifications
@@ -233,12 +250,19 @@ def _both(a: _Proc, acmd: tuple, b: _Proc, bcmd: tuple) -> tuple[Any, Any]:
     return a.result(), b.result()
 
 
-def _trx(decode: _Proc, prefill: _Proc, prefix: str, nb: int, iters: int) -> float:
-    """Seconds per transfer through the transceiver: decode asks for every request first
-    (not timed), then the prefill side sends them one after the other, timing send() → DONE."""
+def _trx(decode: _Proc, prefill: _Proc, mode: str, prefix: str, nb: int, iters: int) -> tuple[float, float]:
+    """Mean seconds per transfer through the transceiver, (to the initiator's DONE, to the
+    source's DONE): decode asks for every request first (not timed), then the prefill side
+    sends them one after the other. A transfer starts at send() and, like bare NIXL's, ends
+    at its initiator's DONE: the prefill's in push (its WRITE is complete), the decode's in
+    pull (its READ is complete, ReadDone posted). The source's DONE comes one notification
+    later in pull; it frees the prefill's blocks and is off the path to the first token."""
     decode.call("receive_all", prefix, nb, iters)
-    _, per = _both(decode, ("collect", iters), prefill, ("send_all", prefix, nb, iters))
-    return per
+    arrived, sent = _both(decode, ("collect", iters), prefill, ("send_all", prefix, nb, iters))
+    to_source = statistics.fmean(end - start for _, start, end in sent)
+    if mode == "push":
+        return to_source, to_source
+    return statistics.fmean(arrived[rid] - start for rid, start, _ in sent), to_source
 
 
 def _iters(size: int, budget_bytes: int) -> int:
@@ -291,23 +315,25 @@ def run(sizes: list[int], modes: list[str], backends: list[str], budget_bytes: i
             try:
                 if backend != "nixl":
                     pair = _pair(backend, mode, num_blocks)
-                    _trx(base[1], base[0], f"meet-{mode}-{backend}", 1, 1)  # the base pair's prefill takes its peer in
+                    _trx(base[1], base[0], mode, f"meet-{mode}-{backend}", 1, 1)  # the base pair's prefill takes its peer in
                 prefill, decode = pair
                 init, target = (base[0], base[1]) if mode == "push" else (base[1], base[0])
                 for size in sizes:
                     nb, iters = size // REQ_UNIT, _iters(size, budget_bytes)
                     key = f"{mode}-{backend}-{size}"
-                    _trx(decode, prefill, f"w-{key}", nb, 3)  # warm-up
+                    _trx(decode, prefill, mode, f"w-{key}", nb, 3)  # warm-up
                     _both(init, ("bare_init", op, nb, 3), target, ("bare_target", 3))
-                    trxs, bares = [], []
+                    trxs, sources, bares = [], [], []
                     for r in range(rounds):
-                        trxs.append(_trx(decode, prefill, f"m{r}-{key}", nb, iters))
+                        trx, source = _trx(decode, prefill, mode, f"m{r}-{key}", nb, iters)
+                        trxs.append(trx)
+                        sources.append(source)
                         bares.append(_both(init, ("bare_init", op, nb, iters), target, ("bare_target", iters))[0])
                     trx_s, bare_s = min(trxs), min(bares)
                     paired = statistics.median(b / t for b, t in zip(bares, trxs, strict=True))
                     if size not in memcpy:
                         memcpy[size] = min(_memcpy_s(size, iters) for _ in range(rounds))
-                    row = Row(backend, mode, size, iters, trx_s, bare_s, memcpy[size], paired)
+                    row = Row(backend, mode, size, iters, trx_s, bare_s, memcpy[size], paired, min(sources))
                     rows.append(row)
                     print(_fmt(row), flush=True)
             finally:
@@ -316,13 +342,13 @@ def run(sizes: list[int], modes: list[str], backends: list[str], budget_bytes: i
     return rows
 
 
-HEADER = f"{'backend':7} {'mode':4} {'size':>8} {'iters':>5} {'trx GB/s':>9} {'bare NIXL':>9} {'ratio':>6} {'paired':>6} {'added us':>9} {'memcpy':>7}"
+HEADER = f"{'backend':7} {'mode':4} {'size':>8} {'iters':>5} {'trx GB/s':>9} {'bare NIXL':>9} {'ratio':>6} {'paired':>6} {'added us':>9} {'src+ us':>8} {'memcpy':>7}"
 
 
 def _fmt(r: Row) -> str:
     return (
         f"{r.backend:7} {r.mode:4} {human(r.size):>8} {r.iters:5d} {r.trx_gbs:9.2f} {r.bare_gbs:9.2f} "
-        f"{r.ratio:6.2f} {r.paired_ratio:6.2f} {r.added_us:9.0f} {r.memcpy_gbs:7.2f}"
+        f"{r.ratio:6.2f} {r.paired_ratio:6.2f} {r.added_us:9.0f} {r.source_added_us:8.0f} {r.memcpy_gbs:7.2f}"
     )
 
 
@@ -383,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("UCX_NET_DEVICES", "lo")  # local benchmark: loopback (children inherit it)
     print(HEADER, flush=True)
     rows = run(sizes, [m for m in a.modes.split(",") if m], backends, parse_size(a.budget), a.rounds)
-    (out / "transfer.json").write_text(json.dumps([{**asdict(r), "trx_gbs": r.trx_gbs, "bare_gbs": r.bare_gbs, "ratio": r.ratio, "added_us": r.added_us, "memcpy_gbs": r.memcpy_gbs} for r in rows], indent=1))
+    (out / "transfer.json").write_text(json.dumps([{**asdict(r), "trx_gbs": r.trx_gbs, "bare_gbs": r.bare_gbs, "ratio": r.ratio, "added_us": r.added_us, "source_added_us": r.source_added_us, "memcpy_gbs": r.memcpy_gbs} for r in rows], indent=1))
     plot(rows, out / "transfer.png")
     for backend in backends:
         big = [r for r in rows if r.size >= 16 * MiB and r.backend == backend]

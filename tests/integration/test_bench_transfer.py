@@ -30,4 +30,7 @@ def test_bench_transfer_measures_and_reports(tmp_path, capsys):
         assert r["trx_gbs"] > 0 and r["bare_gbs"] > 0 and r["memcpy_gbs"] > 0, r
         assert r["ratio"] == pytest.approx(r["bare_s"] / r["trx_s"])
         assert r["paired_ratio"] == pytest.approx(r["ratio"])  # one round: its own ratio is the best against best
+        assert r["source_s"] > 0, r  # the source's DONE, measured in both modes
+        if r["mode"] == "push":  # the initiator is the source: one time
+            assert r["source_s"] == r["trx_s"], r
     assert (tmp_path / "transfer.png").stat().st_size > 1000
