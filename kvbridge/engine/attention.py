@@ -42,7 +42,7 @@ class AttentionBatch:
     _causal: dict[int, torch.Tensor] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.decode_only = not self.prefills and len(self.decode_rows) == len(self.positions)
+        self.decode_only = self.decode_kv_rows is not None and not self.prefills and len(self.decode_rows) == len(self.positions)
         self.decode_hidden = None if self.decode_mask is None else ~self.decode_mask
 
     def hidden_above_diagonal(self, n: int, device: torch.device) -> torch.Tensor:
@@ -126,15 +126,11 @@ def paged_attention(
     nkv = k.shape[1]
     g = nh // nkv
     q = q * scale  # once for every request and query chunk of the step
-    if batch.decode_kv_rows is not None:
-        kd, vd = read_kv(kv_layer, batch.decode_kv_rows)  # (B, nkv, L, hd)
-        qd = q if batch.decode_only else q[batch.decode_rows]  # (B, nh, hd)
-        od = grouped_attention(qd.view(-1, nkv, g, 1, hd), kd, vd, batch.decode_hidden[:, None, None])  # (B, nkv, g, 1, hd)
-        if batch.decode_only:
-            return od.view(T, nh, hd)
+    if batch.decode_only:
+        return _grouped_decode(q, kv_layer, batch, nkv, g).view(T, nh, hd)
     out = torch.empty_like(q)
     if batch.decode_kv_rows is not None:
-        out[batch.decode_rows] = od.view(-1, nh, hd)
+        out[batch.decode_rows] = _grouped_decode(q[batch.decode_rows], kv_layer, batch, nkv, g).view(-1, nh, hd)
     for p in batch.prefills:
         if p.kv_rows is None:  # no earlier context: attend to the chunk itself
             # contiguous once, not copied by every query chunk's matmul
@@ -152,6 +148,12 @@ def paged_attention(
             op = grouped_attention(qp, kp[:, :ctx], vp[:, :ctx], hidden, hidden_from=first + q0)  # (nkv, g, Qc, hd)
             out[p.start + q0 : p.start + q1].view(q1 - q0, nkv, g, hd).copy_(op.permute(2, 0, 1, 3))
     return out
+
+
+def _grouped_decode(qd: torch.Tensor, kv_layer: torch.Tensor, batch: AttentionBatch, nkv: int, g: int) -> torch.Tensor:
+    """The decode rows' queries qd (B, nh, hd), scaled, against their cache rows: (B, nkv, g, 1, hd)."""
+    kd, vd = read_kv(kv_layer, batch.decode_kv_rows)  # (B, nkv, L, hd)
+    return grouped_attention(qd.view(-1, nkv, g, 1, qd.shape[-1]), kd, vd, batch.decode_hidden[:, None, None])
 
 
 def _fused_attention(

@@ -103,7 +103,7 @@ def test_bfloat16_packed_linear_layers_change_no_token(prompts, monkeypatch):
 
 
 def test_bfloat16_concurrent_prompts_give_the_tokens_each_gives_alone(prompts):
-    """The half-precision path (fused norm, chunked attention, packed products) treats every
+    """The half-precision path (grouped, chunked attention; packed products) treats every
     row alike whatever the batch: what disaggregated = aggregated output rests on, since a
     prefill worker batches a prompt with other prompts, an aggregated one with decodes."""
     bf16 = LLMEngine(EngineConfig(dtype="bfloat16", kv_cache_memory_mb=128, max_num_batched_tokens=512))
