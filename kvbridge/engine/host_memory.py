@@ -1,0 +1,51 @@
+"""Keep the host memory that torch's CPU tensors free, rather than hand it back to the kernel.
+
+A prompt's forward pass allocates and frees tensors of several MiB per op. glibc's malloc
+(with its dynamic thresholds) returns the free top of its heap to the kernel once it
+exceeds twice the largest block freed so far, so the next layer's tensors come back as
+fresh pages, and every 4 KiB page costs a fault on first touch. On the 2-core test VM a
+prefill worker took 36,000 page faults and ~0.3 s of system time per 2048-token prompt, and
+answered 1.13-1.24x slower than the aggregated server; with the freed memory kept, its
+faults went to ~0 and the ratio to 1.06 (paired, side by side).
+
+The thresholds below make malloc keep what a step used (the process stays at its peak,
+which it reaches on every prompt anyway): blocks up to 32 MiB (glibc's largest
+mmap threshold) come from the heap, and the heap is trimmed only past 1 GiB free.
+UCX reads the same two variables when it replaces malloc (its ``ucm`` allocator, where it
+does), so they are also put into the environment before any UCX context starts. A value
+the user set in the environment wins.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+log = logging.getLogger("kvbridge.engine.host_memory")
+
+# mallopt(3) parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+SETTINGS = {  # environment variable (glibc's and ucm's name), mallopt parameter, value
+    "MALLOC_MMAP_THRESHOLD_": (M_MMAP_THRESHOLD, 32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": (M_TRIM_THRESHOLD, 1 << 30),
+}
+
+
+def keep_freed_memory(env: dict[str, str] | os._Environ = os.environ) -> dict[str, int]:
+    """Apply the thresholds not already set in ``env``; returns {variable: value} of those it set."""
+    applied: dict[str, int] = {}
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # glibc; absent with another libc
+    except (OSError, AttributeError):
+        mallopt = None
+    for name, (param, value) in SETTINGS.items():
+        if name in env:  # the user's choice, already applied by malloc at start-up
+            continue
+        env[name] = str(value)
+        if mallopt is not None and not mallopt(param, value):
+            log.debug("mallopt(%d, %d) refused", param, value)
+            continue
+        applied[name] = value
+    return applied
