@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbridge.engine.attention import AttentionBatch, PrefillSeq, cache_rows, token_rows
+from kvbridge.engine.attention import AttentionBatch, PrefillSeq, cache_blocks, cache_rows, token_rows
 from kvbridge.engine.kv_cache import KVCache
 from kvbridge.engine.models.llama import LlamaModel
 from kvbridge.engine.scheduler import ScheduledBatch
@@ -51,19 +51,19 @@ class ModelRunner:
                 sampling.append(i)
 
         pos = torch.tensor(positions, **long)
-        decode_kv_rows = mask = None
+        decode_kv_blocks = mask = None
         if decode_rows:
             width = max(len(t) for t in decode_tables)
             tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], **long)
             lens = torch.tensor(decode_lens, **long)
-            decode_kv_rows = cache_rows(tables, width * bs, nkv, bs)  # (2, B, nkv, L)
+            decode_kv_blocks = cache_blocks(tables, nkv)  # (2, B, nkv, width)
             mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, :]  # (B, 1, L)
         attn = AttentionBatch(
             positions=pos,
             write_rows=token_rows(torch.tensor(slot_blocks, **long), pos % bs, nkv, bs),
             logits_indices=torch.tensor(logits_rows, **long),
             decode_rows=torch.tensor(decode_rows, **long),
-            decode_kv_rows=decode_kv_rows,
+            decode_kv_blocks=decode_kv_blocks,
             decode_mask=mask,
             prefills=prefills,
         )

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kvbridge.engine import attention
-from kvbridge.engine.attention import AttentionBatch, PrefillSeq, cache_rows, paged_attention, token_rows, write_kv
+from kvbridge.engine.attention import AttentionBatch, PrefillSeq, cache_blocks, cache_rows, paged_attention, token_rows, write_kv
 
 NKV, G, HD, BS, NB = 2, 3, 8, 4, 32
 
@@ -66,7 +66,7 @@ def test_paged_attention_matches_dense(dtype, score_elements, monkeypatch):
         write_rows=token_rows(torch.cat(blocks), torch.cat(offs), NKV, BS),
         logits_indices=torch.tensor([0]),
         decode_rows=torch.tensor([0]),
-        decode_kv_rows=cache_rows(ta, ta.shape[1] * BS, NKV, BS),
+        decode_kv_blocks=cache_blocks(ta, NKV),
         decode_mask=(torch.arange(ta.shape[1] * BS) < 10)[None, None, :],
         prefills=prefills,
     )
@@ -106,7 +106,7 @@ def test_a_step_of_decodes_only_matches_dense(dtype):
         write_rows=token_rows(torch.stack([b for b, _ in slots]), torch.tensor([o for _, o in slots]), NKV, BS),
         logits_indices=torch.arange(3),
         decode_rows=torch.arange(3),
-        decode_kv_rows=cache_rows(padded, width * BS, NKV, BS),
+        decode_kv_blocks=cache_blocks(padded, NKV),
         decode_mask=(torch.arange(width * BS)[None, :] <= torch.tensor(cached)[:, None])[:, None, :],
     )
     assert batch.decode_only
@@ -145,3 +145,17 @@ def test_a_tail_after_a_cached_prefix_gives_the_bits_of_the_whole_prompt(dtype):
         cached = PrefillSeq(0, new, total, cache_rows(table, total, nkv, bs))
         tail = paged_attention(q[first:], k[first:], v[first:], kv_layer, batch(first, cached), hd**-0.5)
         assert torch.equal(tail, whole[first:]), f"{new} new tokens"
+
+
+def test_whole_block_gather_equals_the_row_by_row_gather():
+    """The decode path's block gather returns exactly the K/V of the per-token rows it replaced."""
+    torch.manual_seed(2)
+    kv_layer = torch.randn(NB, 2, NKV, BS, HD).to(torch.bfloat16)
+    tables = torch.randperm(NB)[:12].view(3, 4)  # 3 requests x 4 blocks (the padding is blocks too)
+    k_rows, v_rows = attention.read_kv(kv_layer, cache_rows(tables, 4 * BS, NKV, BS))
+    k_blocks, v_blocks = attention.read_blocks(kv_layer, cache_blocks(tables, NKV))
+    assert k_blocks.shape == (3, NKV, 4 * BS, HD)
+    assert torch.equal(k_blocks, k_rows) and torch.equal(v_blocks, v_rows)
+    # and token t of request r is at offset t % BS of its block t // BS
+    r, t, h = 1, 9, 1
+    assert torch.equal(k_blocks[r, h, t], kv_layer[tables[r, t // BS], 0, h, t % BS])
