@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from kvbridge.engine import attention
-from kvbridge.engine.attention import AttentionBatch, PrefillSeq, cache_blocks, cache_rows, paged_attention, token_rows, write_kv
+from kvbridge.engine.attention import (
+    AttentionBatch,
+    PrefillSeq,
+    cache_blocks,
+    cache_rows,
+    paged_attention,
+    token_rows,
+    write_kv,
+)
 
 NKV, G, HD, BS, NB = 2, 3, 8, 4, 32
 
