@@ -17,7 +17,7 @@ import torch
 
 from kvbridge.config import EngineConfig
 from kvbridge.engine.block_pool import BlockPool
-from kvbridge.engine.host_memory import keep_freed_memory
+from kvbridge.engine.host_memory import keep_freed_memory, release_freed_memory
 from kvbridge.engine.kv_cache import TORCH_DTYPES, KVCache, KVLayout, num_blocks_for_memory
 from kvbridge.engine.model_runner import ModelRunner
 from kvbridge.engine.models.llama import LlamaModel, Rotary
@@ -84,6 +84,7 @@ class LLMEngine:
         keep_freed_memory()  # before any tensor, and before a transceiver starts UCX
         # the thread that calls step() should be the only one that ever ran parallel torch work
         in_passing_thread(lambda: self._load(config))
+        release_freed_memory()  # the load's temporary buffers, kept by the thresholds
 
     def _load(self, config: EngineConfig) -> None:
         t0 = time.perf_counter()

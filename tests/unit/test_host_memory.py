@@ -50,3 +50,26 @@ def test_a_threshold_the_user_set_is_left_alone():
     assert "MALLOC_TRIM_THRESHOLD_" not in applied
     assert env["MALLOC_TRIM_THRESHOLD_"] == "12345"
     assert env["MALLOC_MMAP_THRESHOLD_"] == str(SETTINGS["MALLOC_MMAP_THRESHOLD_"][1])  # for UCX's allocator too
+
+
+RELEASE_CHILD = """
+import sys
+import torch
+from kvbridge.engine.host_memory import keep_freed_memory, release_freed_memory
+keep_freed_memory()
+def rss():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) // 1024
+ts = [torch.ones(1 << 18) for _ in range(256)]  # 256 MiB in 1 MiB tensors, kept when freed
+del ts
+before = rss()
+released = release_freed_memory()
+print(before, rss(), released)
+"""
+
+
+def test_release_hands_kept_memory_back_once():
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    out = subprocess.run([sys.executable, "-c", RELEASE_CHILD], env=env, capture_output=True, text=True, timeout=120, check=True)
+    before, after, released = out.stdout.split()
+    assert released == "True"
+    assert int(before) - int(after) > 128, f"RSS {before} MiB before the release, {after} MiB after"
