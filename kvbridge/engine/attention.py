@@ -54,18 +54,6 @@ class AttentionBatch:
         return mask
 
 
-def cache_rows(block_ids: torch.Tensor, length: int, nkv: int, bs: int) -> torch.Tensor:
-    """Rows of one layer's cache viewed as (num_blocks*2*nkv*bs, hd) that hold tokens
-    0..length-1 of a request: (..., M) block ids → (2, ..., nkv, length)."""
-    lead = block_ids.shape[:-1]
-    base = (block_ids * (2 * nkv * bs)).unsqueeze(0)[..., None, :, None]  # (1, ..., 1, M, 1)
-    kv = torch.arange(2, device=block_ids.device).view(2, *([1] * len(lead)), 1, 1, 1) * (nkv * bs)
-    head = torch.arange(nkv, device=block_ids.device).view(nkv, 1, 1) * bs
-    off = torch.arange(bs, device=block_ids.device)
-    rows = (base + kv + head + off).reshape(2, *lead, nkv, -1)  # (2, ..., nkv, M*bs)
-    return rows[..., :length]
-
-
 def cache_blocks(block_ids: torch.Tensor, nkv: int) -> torch.Tensor:
     """Rows of one layer's cache viewed as (num_blocks*2*nkv, bs*hd), one per block, K|V and
     head: (..., M) block ids → (2, ..., nkv, M). Gathering these moves bs*hd contiguous values
@@ -75,6 +63,14 @@ def cache_blocks(block_ids: torch.Tensor, nkv: int) -> torch.Tensor:
     kv = torch.arange(2, device=block_ids.device).view(2, *lead, 1, 1) * nkv
     head = torch.arange(nkv, device=block_ids.device).view(nkv, 1)
     return base + kv + head
+
+
+def cache_rows(block_ids: torch.Tensor, length: int, nkv: int, bs: int) -> torch.Tensor:
+    """Rows of one layer's cache viewed as (num_blocks*2*nkv*bs, hd) that hold tokens
+    0..length-1 of a request: (..., M) block ids → (2, ..., nkv, length). Block row b of
+    ``cache_blocks`` is token rows b*bs .. b*bs+bs-1."""
+    rows = cache_blocks(block_ids, nkv)[..., None] * bs + torch.arange(bs, device=block_ids.device)  # (2, ..., nkv, M, bs)
+    return rows.flatten(-2)[..., :length]
 
 
 def token_rows(blocks: torch.Tensor, offsets: torch.Tensor, nkv: int, bs: int) -> torch.Tensor:

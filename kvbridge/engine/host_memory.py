@@ -33,13 +33,18 @@ SETTINGS = {  # environment variable (glibc's and ucm's name), mallopt parameter
 }
 
 
+def _glibc(name: str):
+    """glibc's function ``name``, or None with another libc."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory(env: dict[str, str] | os._Environ = os.environ) -> dict[str, int]:
     """Apply the thresholds not already set in ``env``; returns {variable: value} of those it set."""
     applied: dict[str, int] = {}
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # glibc; absent with another libc
-    except (OSError, AttributeError):
-        mallopt = None
+    mallopt = _glibc("mallopt")
     for name, (param, value) in SETTINGS.items():
         if name in env:  # the user's choice, already applied by malloc at start-up
             continue
@@ -55,7 +60,5 @@ def release_freed_memory() -> bool:
     """Hand the heap's free memory back to the kernel once (``malloc_trim``), e.g. after the
     model load, whose temporary buffers the thresholds above would otherwise keep: ~400 MiB
     for the default model. Returns whether any memory was released."""
-    try:
-        return bool(ctypes.CDLL(None).malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc
-        return False
+    malloc_trim = _glibc("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))

@@ -32,10 +32,15 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 """
 
 
+def _child(code: str, *args: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter with malloc's own defaults; the words it prints."""
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120, check=True)
+    return out.stdout.split()
+
+
 def _faults(mode: str) -> int:
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}  # malloc's own defaults
-    out = subprocess.run([sys.executable, "-c", CHILD, mode], env=env, capture_output=True, text=True, timeout=120, check=True)
-    return int(out.stdout.split()[-1])
+    return int(_child(CHILD, mode)[-1])
 
 
 def test_freed_tensor_memory_is_reused_without_page_faults():
@@ -68,8 +73,6 @@ print(before, rss(), released)
 
 
 def test_release_hands_kept_memory_back_once():
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
-    out = subprocess.run([sys.executable, "-c", RELEASE_CHILD], env=env, capture_output=True, text=True, timeout=120, check=True)
-    before, after, released = out.stdout.split()
+    before, after, released = _child(RELEASE_CHILD)
     assert released == "True"
     assert int(before) - int(after) > 128, f"RSS {before} MiB before the release, {after} MiB after"
