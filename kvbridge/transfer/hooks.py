@@ -34,6 +34,7 @@ class _Req:
     ack_to: str | None = None  # the peer that aborted: answer AbortAck once we are safe
     num_bytes: int = 0
     prepared: Any = None  # ``_prepare`` of our ids (from ``_check_new``)
+    packed: list[int] | None = None  # pull sender: our ids as BlocksReady carries them (``pack_ids``)
     peer_prepared: Any = None  # ``_prepare`` of the peer's ids (push sender, pull receiver)
     landed_after: float = 0.0  # push receiver: WriteDone arrived after this (the poll before the one that took it)
 

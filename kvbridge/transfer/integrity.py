@@ -82,6 +82,12 @@ def pack_ids(ids: list[int]) -> list[int]:
     return [v for _, first, n in segments(ids) or () for v in (first, n)]
 
 
+def packed_in_pool(packed: list[int], num_blocks: int) -> bool:
+    """Whether every id of ``pack_ids``' output is a block of a pool of ``num_blocks``: a
+    stretch's ends say it, so a contiguous list is one check, not a pass over its ids."""
+    return all(packed[i] >= 0 and packed[i] + packed[i + 1] <= num_blocks for i in range(0, len(packed), 2))
+
+
 def unpack_ids(packed: list[int], limit: int) -> list[int]:
     """The ids of ``pack_ids``. ValueError for a malformed list: an odd length, a stretch
     that is empty or starts below 0, or more than ``limit`` ids in all (a peer's pool

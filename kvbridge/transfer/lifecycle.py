@@ -44,7 +44,7 @@ from kvbridge.transfer.base import (
     record,
 )
 from kvbridge.transfer.hooks import TransportHooks, _Req
-from kvbridge.transfer.integrity import RunChecksums, pack_ids, unpack_ids
+from kvbridge.transfer.integrity import RunChecksums, pack_ids, packed_in_pool, unpack_ids
 from kvbridge.transfer.waiting import WaitLoop
 
 LAYOUT = "layer_block"
@@ -138,12 +138,15 @@ class LifecycleTransceiver(WaitLoop, TransportHooks, KVTransceiver):
         self._server.watch(sock, info.agent_name)
         return info.agent_name
 
-    def _check_new(self, request_id: str, block_ids: list[int], own_op: bool) -> Any:
-        """Refuse a request id in use (ValueError); a backend checks the ids too and, when
-        our own op will move them (``own_op``: push sender, pull receiver), may return its
-        ``_prepare`` of them (``req.prepared``)."""
+    def _check_new(self, request_id: str, block_ids: list[int], own_op: bool, packed: list[int] | None = None) -> Any:
+        """Refuse a request id in use, and ids outside our pool when they come ``packed``
+        (a pull sender's, as ``BlocksReady`` carries them) (ValueError); a backend checks
+        the ids too and, when our own op will move them (``own_op``: push sender, pull
+        receiver), may return its ``_prepare`` of them (``req.prepared``)."""
         if request_id in self._reqs:
             raise ValueError(f"request {request_id} is already being transferred")
+        if packed is not None and not packed_in_pool(packed, self.kv.layout.num_blocks):
+            raise ValueError(f"request {request_id}: block ids must be in 0..{self.kv.layout.num_blocks - 1}")
         return None
 
     # ----------------------------------------------------------------- decode side
@@ -162,8 +165,12 @@ class LifecycleTransceiver(WaitLoop, TransportHooks, KVTransceiver):
 
     # ----------------------------------------------------------------- prefill side
     def send(self, request_id: str, block_ids: list[int]) -> None:
-        prepared = self._check_new(request_id, block_ids, own_op=self.mode is TransferMode.PUSH)
-        req = _Req(request_id, Role.SENDER, list(block_ids), started=time.monotonic(), prepared=prepared)
+        push = self.mode is TransferMode.PUSH
+        # pull: packed once, for BlocksReady and the range check (on the transfer's critical
+        # path: a min/max pass and a packing each cost ~13 µs for 256 ids, caches cold)
+        packed = None if push else pack_ids(block_ids)
+        prepared = self._check_new(request_id, block_ids, own_op=push, packed=packed)
+        req = _Req(request_id, Role.SENDER, list(block_ids), started=time.monotonic(), prepared=prepared, packed=packed)
         self._reqs[request_id] = req
         self._active.add(request_id)
         if request_id in self._tombstones:  # the receiver gave up before the KV was ready
@@ -187,7 +194,7 @@ class LifecycleTransceiver(WaitLoop, TransportHooks, KVTransceiver):
         if self.mode is TransferMode.PUSH:
             self._start_write(req, peer, dst)
         else:
-            self._notify(peer, BlocksReady(request_id=req.request_id, block_runs=pack_ids(req.block_ids), checksums=req.checksums))
+            self._notify(peer, BlocksReady(request_id=req.request_id, block_runs=req.packed, checksums=req.checksums))
 
     # ----------------------------------------------------------------- checksums
     def _verify_and_finish(self, req: _Req, checksums: list[int], src_ids: list[int]) -> None:

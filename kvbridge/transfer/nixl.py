@@ -171,10 +171,10 @@ class NixlTransceiver(LifecycleTransceiver):
             log.debug("make_connection to %s: %s", info.agent_name, e)
 
 
-    def _check_new(self, request_id: str, block_ids: list[int], own_op: bool) -> Any:
+    def _check_new(self, request_id: str, block_ids: list[int], own_op: bool, packed: list[int] | None = None) -> Any:
         """Checks the ids; for our own op it prepares them at once (checking them on the way:
-        it costs about what the check alone would)."""
-        super()._check_new(request_id, block_ids, own_op)
+        it costs about what the check alone would); ``packed`` ones are checked already."""
+        super()._check_new(request_id, block_ids, own_op, packed)
         if not block_ids:
             raise ValueError(f"request {request_id}: no blocks to transfer")
         nb = self.kv.layout.num_blocks
@@ -182,7 +182,7 @@ class NixlTransceiver(LifecycleTransceiver):
             idx = _indices(self._grid, block_ids)
             if idx is not None:
                 return idx
-        elif min(block_ids) >= 0 and max(block_ids) < nb:
+        elif packed is not None or (min(block_ids) >= 0 and max(block_ids) < nb):
             return None
         raise ValueError(f"request {request_id}: block ids must be in 0..{nb - 1}")
 

@@ -232,10 +232,10 @@ class UcxTransceiver(LifecycleTransceiver):
         return self._usable(p)
 
     # ----------------------------------------------------------------- transfers
-    def _check_new(self, request_id: str, block_ids: list[int], own_op: bool) -> Any:
+    def _check_new(self, request_id: str, block_ids: list[int], own_op: bool, packed: list[int] | None = None) -> Any:
         """For our own op, the stretches of our ids, found now: in pull that is when the
         receiver reserves its blocks, long before the prefill is done (see ``_post``)."""
-        super()._check_new(request_id, block_ids, own_op)
+        super()._check_new(request_id, block_ids, own_op, packed)
         return self._prepare(block_ids, None) if own_op else None
 
     def _prepare(self, block_ids: list[int], peer: str | None, packed: list[int] | None = None) -> Any:

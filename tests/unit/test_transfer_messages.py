@@ -204,6 +204,21 @@ def test_packed_block_ids_round_trip_and_malformed_ones_are_refused():
         unpack_ids([0, 2**40], 8)
 
 
+def test_packed_ids_are_in_the_pool_exactly_when_every_id_is():
+    """A pull sender checks its ids from their packing (a stretch's ends say it): the
+    answer is the one a check of every id gives."""
+    from kvbridge.transfer.integrity import pack_ids, packed_in_pool
+
+    rng = random.Random(12)
+    for _ in range(300):
+        ids = [rng.randrange(-3, 40) for _ in range(rng.randrange(1, 12))]
+        if rng.random() < 0.5:
+            s = rng.randrange(-2, 36)
+            ids = list(range(s, s + rng.randrange(1, 8)))
+        assert packed_in_pool(pack_ids(ids), 32) == all(0 <= i < 32 for i in ids), ids
+    assert packed_in_pool(pack_ids(list(range(32))), 32) and not packed_in_pool([0, 33], 32)
+
+
 def test_nixl_prepares_packed_ids_as_their_indices():
     """The NIXL side turns one packed stretch into its slice of the index grid: the same
     indices as from the ids, and None past the pool."""
