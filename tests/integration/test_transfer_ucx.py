@@ -159,3 +159,19 @@ def test_peer_killed_during_a_large_write():
     finally:
         prefill.stop()
         decode.stop()
+
+
+
+def test_pull_sender_refuses_block_ids_outside_the_pool():
+    """A pull sender checks its ids when it sends (from their packing, which BlocksReady
+    carries), as the NIXL one does: a refused call leaves nothing pending."""
+    prefill, decode, _ = pair("ucx", "pull", timeout_ms=TIMEOUT_MS)
+    try:
+        for bad in ([-1], [0, 32], [2**40]):
+            with pytest.raises(RuntimeError, match="block ids must be in 0..31"):
+                prefill.call("send", "bad-ids", bad)
+        assert prefill.call("pool")[2] == 0  # nothing pending
+        assert_pools_full(prefill, decode)
+    finally:
+        prefill.stop()
+        decode.stop()
