@@ -19,6 +19,30 @@ _WALK_MAX = 64  # ids: up to this many, walking the pairs beats numpy's fixed co
 _WALK_SLICE = 16  # segments(): a broken slice this short is walked rather than halved
 
 
+# 0, 1, 2, ...: ``is_stretch`` compares ids with a slice of it (grown on demand, up to a pool
+# of _NATURALS_MAX blocks)
+_NATURALS: list[int] = []
+_NATURALS_MAX = 1 << 20
+
+
+def stretch(first: int, n: int) -> list[int]:
+    """[first, first + 1, ..., first + n - 1]: a slice of a list of the naturals kept for
+    this, rather than a new ``list(range(...))``: making 256 ints anew costs ~4 µs, more with
+    caches cold after a copy; the slice under 1 µs."""
+    end = first + n
+    if 0 <= first and end <= _NATURALS_MAX:
+        if end > len(_NATURALS):
+            _NATURALS.extend(range(len(_NATURALS), min(_NATURALS_MAX, max(end, 2 * len(_NATURALS), 1024))))
+        return _NATURALS[first:end]
+    return list(range(first, end))
+
+
+def is_stretch(ids: list[int], lo: int, hi: int) -> bool:
+    """Whether ``ids[lo:hi]`` are consecutive: first, first + 1, ... (~3 µs for 256 ids
+    against ~6 with a new range list)."""
+    return (ids if lo == 0 and hi == len(ids) else ids[lo:hi]) == stretch(ids[lo], hi - lo)
+
+
 def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
     """Runs consecutive on both sides: [(src_first, dst_first, length), ...], in order.
     It is on a transfer's critical path, right after a copy that left the caches cold:
@@ -63,7 +87,7 @@ def segments(ids: list[int], limit: int | None = None) -> list[tuple[int, int, i
             return None
         lo, hi = todo.pop()
         first = ids[lo]
-        if ids[lo:hi] == list(range(first, first + hi - lo)):
+        if is_stretch(ids, lo, hi):
             add(lo, first, hi - lo)
         elif hi - lo <= _WALK_SLICE:  # short and broken: walk it
             for k in range(lo, hi):
@@ -100,7 +124,7 @@ def unpack_ids(packed: list[int], limit: int) -> list[int]:
         first, n = packed[i], packed[i + 1]
         if first < 0 or n < 1 or len(out) + n > limit:
             raise ValueError(f"packed block ids: stretch ({first}, {n}) is empty, negative or past {limit} ids")
-        out += range(first, first + n)
+        out += stretch(first, n)
     return out
 
 

@@ -204,6 +204,24 @@ def test_packed_block_ids_round_trip_and_malformed_ones_are_refused():
         unpack_ids([0, 2**40], 8)
 
 
+def test_is_stretch_matches_its_definition():
+    """Consecutive ids are recognised by a slice of a kept list of naturals: the answer is
+    the definition's, for negative, huge and growing first ids and for any part of a list."""
+    from kvbridge.transfer import integrity
+
+    rng = random.Random(13)
+    for _ in range(500):
+        first = rng.choice([rng.randrange(-5, 50), rng.randrange(0, 5000), 2**40])
+        ids = list(range(first, first + rng.randrange(1, 40)))
+        if rng.random() < 0.5:
+            ids[rng.randrange(len(ids))] += rng.choice([-1, 1, 7])
+        lo = rng.randrange(len(ids))
+        hi = rng.randrange(lo + 1, len(ids) + 1)
+        want = all(ids[k + 1] == ids[k] + 1 for k in range(lo, hi - 1))
+        assert integrity.is_stretch(ids, lo, hi) == want, (ids, lo, hi)
+    assert len(integrity._NATURALS) <= integrity._NATURALS_MAX
+
+
 def test_packed_ids_are_in_the_pool_exactly_when_every_id_is():
     """A pull sender checks its ids from their packing (a stretch's ends say it): the
     answer is the one a check of every id gives."""
