@@ -108,7 +108,9 @@ class FakeEngine:
         self.num_idle_checks += 1
         return bool(self.waiting or self.running)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, between_layers=None) -> list[RequestOutput]:  # one "layer": the hook runs once
+        if between_layers is not None:
+            between_layers()
         self.num_steps += 1
         if self.fail_on_step:
             raise RuntimeError("boom: the fake model crashed")

@@ -187,6 +187,18 @@ def _child(conn: Any, spec_d: dict) -> None:
                 res = handle_events(t.wait(args[1] if len(args) > 1 else 10.0, min_events=args[0]))
             elif cmd == "poll":
                 res = handle_events(t.poll())
+            elif cmd == "peer_may_wait":  # a poll, then: would a step get a mid-step hook?
+                handle_events(t.poll())
+                res = t.mid_step_hook() is not None
+            elif cmd == "step":  # (seconds, hook): an engine step that does not poll; with
+                # ``hook`` it runs the transceiver's mid-step hook every 2 ms, as between layers
+                hook = t.mid_step_hook() if args[1] else None
+                end = time.monotonic() + args[0]
+                while time.monotonic() < end:
+                    time.sleep(0.002)
+                    if hook is not None:
+                        hook()
+                res = hook is not None
             elif cmd == "free_received":
                 pool.free(received.pop(args[0]))
                 res = None

@@ -226,7 +226,7 @@ class AsyncEngine:
                 if self.connector is not None:
                     self.connector.poll()
                 if self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
+                    outputs = self.engine.step(self.connector.mid_step_hook() if self.connector is not None else None)
                     if self.connector is not None:
                         self.connector.on_outputs(outputs)
                     self._dispatch(outputs)

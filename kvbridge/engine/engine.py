@@ -217,7 +217,9 @@ class LLMEngine:
         return len(self._held)
 
     # ------------------------------------------------------------------ the step
-    def step(self) -> list[RequestOutput]:
+    def step(self, between_layers: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """One engine step; ``between_layers`` (if any) runs after each layer of the model
+        (the KV connector's: answering transfer peers that wait on this process)."""
         if self._ready:  # first tokens from prefill peers: hand them out before a model step
             ready, self._ready = self._ready, []
             return [self._postprocess(r, t, lp) for r, t, lp in ready]
@@ -225,7 +227,7 @@ class LLMEngine:
         self.num_preemptions += batch.num_preempted
         if batch.empty:
             return []
-        logits, sampling = self.runner.execute(batch)  # 2) run
+        logits, sampling = self.runner.execute(batch, between_layers)  # 2) run
         self.scheduler.advance(batch)
         reqs = [batch.requests[i] for i in sampling]
         tokens, logprobs = sample(logits, reqs)  # 3) sample

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kvbridge.engine.attention import AttentionBatch, PrefillSeq, cache_blocks, cache_rows, token_rows
@@ -69,8 +71,8 @@ class ModelRunner:
         )
         return torch.tensor(ids, **long), attn, sampling
 
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+    def execute(self, batch: ScheduledBatch, between_layers: Callable[[], None] | None = None) -> tuple[torch.Tensor, list[int]]:
         """Run one step. Returns logits (N, V) float32 on CPU and which requests they belong to."""
         input_ids, attn, sampling = self.prepare(batch)
-        logits = self.model(input_ids, self.kv.layers, attn)
+        logits = self.model(input_ids, self.kv.layers, attn, between_layers)
         return logits.cpu() if logits.device.type != "cpu" else logits, sampling

@@ -52,6 +52,7 @@ from __future__ import annotations
 import enum
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -314,6 +315,14 @@ class KVTransceiver(ABC):
     def poll(self) -> list[TransferEvent]:
         """Drive progress; return the terminal events that happened since the last call.
         Non-blocking; call once per engine step."""
+
+    def mid_step_hook(self) -> Callable[[], None] | None:
+        """What the engine calls between the layers of its next step, or None: a peer's
+        WRITE into our blocks (push) or READ out of them (pull) completes only once our
+        transport answered it, and an engine step holds that answer back for its length
+        (a whole prefill, for a pull sender). The hook answers without handling any
+        message, so it is safe in the middle of a step. Called once per step."""
+        return None
 
     def wait(self, timeout_s: float, min_events: int = 1) -> list[TransferEvent]:
         """Poll until ``min_events`` events arrived or ``timeout_s`` passed. Sleeps between

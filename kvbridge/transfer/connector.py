@@ -20,6 +20,7 @@ so nothing can still be writing into a block that returns to the pool.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -131,6 +132,11 @@ class KVConnector:
     def poll(self) -> None:
         for ev in self.transceiver.poll():
             self._on_event(ev)
+
+    def mid_step_hook(self) -> Callable[[], None] | None:
+        """For the next engine step: what to run between its layers so that a peer's
+        transfer into or out of our blocks completes during the step, not after it."""
+        return self.transceiver.mid_step_hook() if self.busy else None
 
     def wake(self) -> None:
         """From any thread: end a ``wait`` in progress (the engine has work)."""

@@ -59,7 +59,8 @@ log = logging.getLogger("kvbridge.transfer.nixl")
 # anyway (a safety net: every poll of an idle worker takes a slice of a core that a
 # co-located prefill's threads are using).
 _IDLE_POLL_S = 0.05
-_DRIVE_CAP_S = 0.1  # _post waits this long at most for its op (about one engine step of the peer)
+_DRIVE_CAP_S = 0.1  # a WRITE's _post waits this long at most for the peer (about one decode step)
+_READ_DRIVE_S = 1e-3  # a READ's: the decode side's streams wait for it (see _post)
 
 
 @dataclass
@@ -127,6 +128,7 @@ class NixlTransceiver(LifecycleTransceiver):
         self._info = self._make_info(model_id, f"nixl/{self.nixl_backend}", self.agent.get_agent_metadata())
         self._wake = threading.Event()
         self._spent: list[Any] = []  # handles of completed transfers, released at the next poll
+        self._stashed: dict[Any, list[bytes]] = {}  # notifications taken mid-step (_answer_peers)
         self._broken_by: str | None = None  # the request whose uncancellable op broke us
         self._server = handshake.BootstrapServer(
             host, port, config.shared_token, lambda: self._info, self._news(self._accepted), self._news(self._lost), self._wake.set
@@ -239,11 +241,17 @@ class NixlTransceiver(LifecycleTransceiver):
             raise TransferError(FailureCause.BACKEND, f"NIXL {op} to {peer} failed to post: {state}")
         # The endpoints have error handling, so UCX completes a WRITE/READ (and sends its
         # notification) only after the peer's worker answers a flush: a peer busy in an
-        # engine step answers at its next poll. Drive our side until then, spinning 1 ms
-        # and then sleeping between checks, at most _DRIVE_CAP_S; left to our next poll,
-        # the op would wait for our next engine step (a whole prefill) and the peer with it.
+        # engine step answers at its next poll (the copy itself is done in transfer()).
+        # The prefill side (WRITE) drives until then, spinning 1 ms and then sleeping
+        # between checks, at most _DRIVE_CAP_S (a decode side in a step answers between
+        # layers: ``mid_step_hook``): left to its next poll, the op would wait for its
+        # next engine step (a whole prefill) and the decode side with it. The
+        # decode side (READ) spins 1 ms at most, for a peer that is polling: its engine
+        # steps are short and every stream waits for them, while a busy prefill answers
+        # only after its step (8 concurrent chats: waiting up to 100 ms here stalled
+        # decoding 45 ms per transfer at the median); its polls, one per step, finish it.
         now = time.monotonic()
-        spin_until, deadline = now + 1e-3, now + _DRIVE_CAP_S
+        spin_until, deadline = now + 1e-3, now + (_DRIVE_CAP_S if op == "WRITE" else _READ_DRIVE_S)
         while state == "PROC" and now < deadline:
             if now > spin_until:
                 time.sleep(100e-6)
@@ -293,6 +301,10 @@ class NixlTransceiver(LifecycleTransceiver):
         except Exception as e:
             self._broken = f"NIXL notification check failed: {e}"
             notifs = {}
+        if self._stashed:  # taken mid-step: they came first
+            for sender, msgs in notifs.items():
+                self._stashed.setdefault(sender, []).extend(msgs)
+            notifs, self._stashed = self._stashed, {}
         if notifs:
             self._last_activity = now
         for sender, msgs in notifs.items():
@@ -312,6 +324,15 @@ class NixlTransceiver(LifecycleTransceiver):
             if p.transports_since is not None and not p.transports_logged:
                 self._log_transports(name)
         return self._take_events(now)
+
+    def _answer_peers(self) -> None:
+        """NIXL progresses its UCX worker when asked for notifications: keep them for poll."""
+        try:
+            notifs = self.agent.get_new_notifs()
+        except Exception:
+            return  # poll reports it
+        for sender, msgs in notifs.items():
+            self._stashed.setdefault(sender, []).extend(msgs)
 
     def _xfer_state(self, handle: Any) -> str:
         try:

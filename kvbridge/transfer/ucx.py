@@ -83,6 +83,7 @@ __all__ = ["LAYOUT", "UcxBlob", "UcxError", "UcxTransceiver", "runs"]
 log = logging.getLogger("kvbridge.transfer.ucx")
 
 _SYNC_COPY_S = 0.05  # _post drives its copy to completion for at most this long
+_PEER_GRACE_S = 1e-3  # a GET's _post, its copies done, waits this long for the peer's answer
 _SEGMENTS_MAX = 32  # a side's ids in more stretches than this: runs() finds the joint runs
 _TAG_KIND = 0x6B << 56  # top byte of every kvbridge tag
 _TAG_KIND_MASK = 0xFF << 56
@@ -286,11 +287,22 @@ class UcxTransceiver(LifecycleTransceiver):
         x.start_flush()
         req.num_bytes = lay.num_layers * len(local_ids) * bb
         # cma copies run inside our progress, 4 MiB per call: drive them here, in a tight
-        # loop, as NIXL's transfer() does (bounded; a longer one goes on in poll())
+        # loop, as NIXL's transfer() does (bounded; a longer one goes on in poll()). Once
+        # they are done, UCX progresses nothing more until the peer answers the flush (at
+        # its next poll): the prefill side (PUT) keeps driving, its next engine step being
+        # a whole prefill; the decode side (GET) gives the peer _PEER_GRACE_S and leaves
+        # the rest to its polls, one per decode step, instead of stalling every stream
         deadline = time.monotonic() + _SYNC_COPY_S
-        progress = self.worker.progress
-        while (state := x.state()) == "PROC" and time.monotonic() < deadline:
-            progress()
+        progress = self.worker.progress_once  # True while UCX did something
+        idle_since = None
+        while (state := x.state()) == "PROC" and (now := time.monotonic()) < deadline:
+            if progress():
+                idle_since = None
+            elif op == "READ":
+                if idle_since is None:
+                    idle_since = now
+                elif now - idle_since > _PEER_GRACE_S:
+                    break
         self._own_op_since = time.monotonic()
         req.xfer_done = state == "DONE"  # then _progress need not ask again
         return x
@@ -412,6 +424,13 @@ class UcxTransceiver(LifecycleTransceiver):
             self._last_activity = now
             self._recvs_seen = self._recvs_count
         return self._take_events(now)
+
+    def _answer_peers(self) -> None:
+        """Progress the worker; messages stay queued in UCX until poll probes them."""
+        try:
+            self.worker.progress()
+        except Exception:
+            pass  # poll reports it
 
     def _sleep(self, left: float) -> None:
         """In ``epoll_wait`` on the worker's event fd (UCX wakes it when a message arrives),

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 SPIN_AFTER_POST_S = 200e-6  # after posting our op, ``wait`` re-polls without sleeping this long
 HOT_S = 5e-3  # after a message or event, ``wait`` re-polls without sleeping this long
+OWN_OP_SPIN_S = 1e-3  # an op of ours in flight: ``wait`` re-polls without sleeping this long after posting
+OWN_OP_SLEEP_S = 200e-6  # ... and then sleeps at most this long between polls (it waits on the peer)
 
 
 class WaitLoop:
@@ -59,7 +61,10 @@ class WaitLoop:
             if self._due_soon(now):
                 os.sched_yield()  # releases the GIL too; time.sleep(0) would sleep ~50 µs (timer slack)
                 continue
-            self._sleep(left)
+            self._sleep(min(left, OWN_OP_SLEEP_S) if self._own_op_in_flight() else left)
+
+    def _own_op_in_flight(self) -> bool:
+        return any(r.xfer is not None for rid in self._active if (r := self._reqs.get(rid)) is not None)
 
     def _ready_events(self, min_events: int) -> list[TransferEvent] | None:
         """At least ``min_events`` events that need no poll, or None (lifecycle.py)."""
@@ -88,7 +93,9 @@ class WaitLoop:
         message follows the copy, and a sleeping target slows a CMA copy into it by up to
         30%), for as long as the copy should take at 2 GB/s plus 1 ms (a peer busy with an
         engine step wakes us later); or there was traffic in the last ``HOT_S``. The spin is
-        bounded and happens only in ``wait``, when the engine has nothing to compute."""
+        bounded and happens only in ``wait``, when the engine has nothing to compute. An op
+        of ours that is still in flight ``OWN_OP_SPIN_S`` after it was posted waits on a
+        busy peer's answer: ``wait`` then sleeps briefly between polls."""
         if now - self._last_activity < HOT_S or now - self._own_op_since < SPIN_AFTER_POST_S:
             return True
         per_block = self.kv.layout.num_layers * self.kv.layout.block_bytes
@@ -97,7 +104,9 @@ class WaitLoop:
             if r is None or r.ending is not None:
                 continue
             if r.xfer is not None:
-                return True
+                if now - self._own_op_since < OWN_OP_SPIN_S:
+                    return True
+                continue
             if r.started is not None and (
                 (r.role is Role.RECEIVER and self.mode is TransferMode.PUSH)
                 or (r.role is Role.SENDER and self.mode is TransferMode.PULL and r.peer is not None)

@@ -212,3 +212,19 @@ def test_in_passing_thread_returns_and_raises_in_the_caller():
 
     with pytest.raises(WeightsError, match="model not found"):  # the loader's own error, raised here
         LLMEngine(EngineConfig(model="/nonexistent/model.gguf"))
+
+
+def test_a_step_runs_its_hook_after_every_layer_and_the_tokens_do_not_change(engine, prompts):
+    """``step(between_layers)``: the KV connector answers transfer peers in the middle of a
+    step through it; it runs once after each layer of every step, and changes nothing."""
+    alone = engine.generate([prompts[0]], GREEDY)[0]
+    calls = []
+    engine.add_request("hook-0", prompts[0], GREEDY)
+    steps = 0
+    got: list[int] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step(lambda: calls.append(1)):
+            got.extend(out.new_token_ids)
+        steps += 1
+    assert got == alone
+    assert len(calls) == steps * engine.model.spec.num_layers

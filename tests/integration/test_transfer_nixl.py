@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 
 import pytest
 
@@ -156,6 +157,47 @@ def test_handshake_refused_on_both_sides(peers):
             assert res[:2] == ("refused", "token"), res
             assert prefill.call("refusals")[-1][0] == "token"
         assert_pools_full(odd)
+
+
+@pytest.mark.parametrize("hook", [True, False], ids=["hook", "no-hook"])
+def test_a_peer_in_an_engine_step_answers_between_layers(peers, hook):
+    """UCX completes a WRITE (push) or READ (pull) only once the other side's transport
+    answered it; that side may be in a long engine step (the decode worker in push, the
+    prefill worker in pull). With the mid-step hook run between layers the transfer
+    completes while the step still runs; without it, only after the step."""
+    prefill, decode, name, mode = peers
+    src, dst = [3, 4, 5], [20, 21, 22]
+    prefill.call("hold", src)
+    decode.call("hold", dst)
+    rid = f"step-{mode}-{hook}"
+    decode.call("receive", rid, name, dst)
+    if mode == "push":  # the decode side computes while the prefill side writes
+        busy, other = decode, prefill
+    else:  # the prefill side says BlocksReady, then computes while the decode side reads
+        busy, other = prefill, decode
+        prefill.call("send", rid, src)
+    deadline = time.monotonic() + 10
+    while not busy.call("peer_may_wait") and time.monotonic() < deadline:
+        other.call("poll")  # as an engine loop polls between steps: its message goes out
+        time.sleep(0.01)
+    assert busy.call("peer_may_wait")
+    busy.start("step", 1.2, hook)  # shorter than the 1.5 s transfer timeout
+    try:
+        if mode == "push":
+            prefill.call("send", rid, src)  # waits up to 100 ms for the decode side's answer
+        got = other.call("wait", 1, 0.7, timeout=10)
+        in_step = not busy._conn.poll(0)  # the step has not ended yet
+        if hook:
+            assert in_step and [e[2] for e in got] == ["done"], (in_step, got)
+        else:
+            assert got == [], got  # done only once the peer polls again
+    finally:
+        assert busy.result("step", timeout=10) is hook
+    bev, oev = wait_both(busy, 1, other, 1 - len(got), timeout=5)
+    assert [e[2] for e in bev + oev + got] == ["done", "done"], (bev, oev, got)
+    assert prefill.call("digests", src) == decode.call("digests", dst)
+    decode.call("free_received", rid)
+    assert_pools_full(prefill, decode)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,6 +10,8 @@ Notation: T tokens, D hidden, nh query heads, nkv KV heads, hd head dim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -120,12 +122,17 @@ class LlamaModel(nn.Module):
         self.requires_grad_(False)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, kv_layers: list[torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
-        """input_ids (T,) → logits (N, vocab) at ``batch.logits_indices`` (float32)."""
+    def forward(
+        self, input_ids: torch.Tensor, kv_layers: list[torch.Tensor], batch: AttentionBatch, between_layers: Callable[[], None] | None = None
+    ) -> torch.Tensor:
+        """input_ids (T,) → logits (N, vocab) at ``batch.logits_indices`` (float32);
+        ``between_layers`` runs after each layer."""
         x = self.embed_tokens(input_ids)  # (T, D)
         rope = self.rope.tables(batch.positions, x.dtype)
         for layer, kv_layer in zip(self.layers, kv_layers):
             x = layer(x, rope, kv_layer, batch)
+            if between_layers is not None:
+                between_layers()
         x = self.norm(x[batch.logits_indices])  # (N, D)
         return self.lm_head(x).float()
 
