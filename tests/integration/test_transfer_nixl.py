@@ -181,11 +181,11 @@ def test_a_peer_in_an_engine_step_answers_between_layers(peers, hook):
         other.call("poll")  # as an engine loop polls between steps: its message goes out
         time.sleep(0.01)
     assert busy.call("peer_may_wait")
-    busy.start("step", 1.2, hook)  # shorter than the 1.5 s transfer timeout
+    busy.start("step", 1.0, hook)  # well within the 1.5 s transfer timeout
     try:
         if mode == "push":
             prefill.call("send", rid, src)  # waits up to 100 ms for the decode side's answer
-        got = other.call("wait", 1, 0.7, timeout=10)
+        got = other.call("wait", 1, 0.6, timeout=10)
         in_step = not busy._conn.poll(0)  # the step has not ended yet
         if hook:
             assert in_step and [e[2] for e in got] == ["done"], (in_step, got)
