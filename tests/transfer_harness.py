@@ -261,6 +261,10 @@ class Peer:
         """Send a command without waiting for its answer (see ``result``)."""
         self._conn.send((cmd, args))
 
+    def answered(self) -> bool:
+        """Whether the answer to a ``start``ed command is already there."""
+        return self._conn.poll(0)
+
     def result(self, cmd: str = "", timeout: float = 30.0) -> Any:
         if not self._conn.poll(timeout):
             raise TimeoutError(f"peer {self.pid} did not answer {cmd} within {timeout}s")

@@ -22,7 +22,9 @@ each size, after warm-up:
 
 A round's time per transfer is the median of its transfers, the same for the transceiver
 and bare NIXL: on a shared VM one transfer preempted for a few ms moves a mean of 32 by
-more than the transceiver's whole overhead. Prints a table (GB/s, ratios, µs added per transfer), writes JSON and a PNG plot.
+more than the transceiver's whole overhead.
+
+Prints a table (GB/s, ratios, µs added per transfer), writes JSON and a PNG plot.
 Targets: ≥ 0.9× bare NIXL from 16 MiB up; ≤ 200 µs added per transfer at 64 KiB.
 """
 

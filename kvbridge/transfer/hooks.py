@@ -81,6 +81,10 @@ class TransportHooks:
         they came in a message), made once they are known, not after the prefill step:
         ``_post`` finds it in ``req.prepared``/``req.peer_prepared``."""
 
+    def _answer_peers(self) -> None:
+        """Progress the transport, so that it answers its peers' flushes, handling no
+        message: the mid-step hook (safe in the middle of an engine step)."""
+
     def _write_complete(self, req: _Req) -> None:
         """Push, sender: our WRITE completed (before the DONE event)."""
 

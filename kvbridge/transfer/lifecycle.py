@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from kvbridge.config import TransferMode
@@ -418,20 +419,14 @@ class LifecycleTransceiver(WaitLoop, TransportHooks, KVTransceiver):
         self._drop_peer(name, p)
 
     # ----------------------------------------------------------------- mid-step answers
-    def mid_step_hook(self) -> Any:
+    def mid_step_hook(self) -> Callable[[], None] | None:
         return self._answer_peers if self._peer_may_wait() else None
 
     def _peer_may_wait(self) -> bool:
         """A peer's op on our blocks may be waiting for our transport's answer: push, a
         receive not done (its WRITE may start any time); pull, BlocksReady sent, no ReadDone."""
         push = self.mode is TransferMode.PUSH
-        for r in self._reqs.values():
-            if r.ending is None and r.peer is not None and (r.role is Role.RECEIVER) == push:
-                return True
-        return False
-
-    def _answer_peers(self) -> None:
-        """Progress the transport (answers its peers' flushes), handling no message."""
+        return any(r.ending is None and r.peer is not None and (r.role is Role.RECEIVER) == push for r in self._reqs.values())
 
     # ----------------------------------------------------------------- state
     @property

@@ -302,8 +302,7 @@ class NixlTransceiver(LifecycleTransceiver):
             self._broken = f"NIXL notification check failed: {e}"
             notifs = {}
         if self._stashed:  # taken mid-step: they came first
-            for sender, msgs in notifs.items():
-                self._stashed.setdefault(sender, []).extend(msgs)
+            self._stash(notifs)
             notifs, self._stashed = self._stashed, {}
         if notifs:
             self._last_activity = now
@@ -328,9 +327,11 @@ class NixlTransceiver(LifecycleTransceiver):
     def _answer_peers(self) -> None:
         """NIXL progresses its UCX worker when asked for notifications: keep them for poll."""
         try:
-            notifs = self.agent.get_new_notifs()
+            self._stash(self.agent.get_new_notifs())
         except Exception:
-            return  # poll reports it
+            pass  # poll reports it
+
+    def _stash(self, notifs: dict[Any, list[bytes]]) -> None:
         for sender, msgs in notifs.items():
             self._stashed.setdefault(sender, []).extend(msgs)
 

@@ -228,3 +228,30 @@ def summarize_transports(ops: dict[str, set[str]]) -> str:
         if found:
             parts.append(f"{label}: {', '.join(sorted(found))}")
     return "; ".join(parts) if parts else "(UCX printed no protocol table)"
+
+
+_LANE = re.compile(r"lane\[\d+\]:\s+\d+:(\S+?)(?:\.\d+)?\s+md\[\d+\].*?seg\s+\d+\s*(.*)$")
+
+
+def ep_lanes(info: str) -> list[tuple[str, list[str]]]:
+    """[(transport/device, [roles])] from ``ucp_ep_print_info``: e.g. ("cma/memory", ["rma_bw#0"])."""
+    out = []
+    for line in info.splitlines():
+        m = _LANE.search(line)
+        if m:
+            out.append((m.group(1), m.group(2).split()))
+    return out
+
+
+def summarize_ep_lanes(info: str) -> str:
+    """The transports of one UCP endpoint (UCX-direct), in ``summarize_transports``' words:
+    "rma: cma/memory; am: tcp/lo"; RMA with no lane of its own is emulated over the AM lane."""
+    lanes = ep_lanes(info)
+    rma = sorted({tl for tl, roles in lanes if any(r.startswith("rma") for r in roles)})
+    am = sorted({tl for tl, roles in lanes if "am" in roles})
+    return "; ".join(
+        [
+            f"rma: {', '.join(rma)}" if rma else f"rma: {', '.join(am) or '?'} (software emulation)",
+            f"am: {', '.join(am) or '?'}",
+        ]
+    )

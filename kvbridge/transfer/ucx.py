@@ -38,7 +38,6 @@ import ctypes
 import hashlib
 import logging
 import os
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ import msgspec
 
 from kvbridge.config import CacheTransceiverConfig, ucx_copy_defaults
 from kvbridge.engine.kv_cache import KVCache
-from kvbridge.transfer import handshake
+from kvbridge.transfer import handshake, probe
 from kvbridge.transfer.base import (
     BackendUnavailable,
     FailureCause,
@@ -448,18 +447,10 @@ class UcxTransceiver(LifecycleTransceiver):
             return
         p.transports_logged = True
         try:
-            lanes = _lanes(self._ucp.ep_info(p.ep.handle))
+            self.last_transports = probe.summarize_ep_lanes(self._ucp.ep_info(p.ep.handle))
         except Exception as e:
             log.warning("could not read UCX transports for %s: %s", peer, e)
             return
-        rma = sorted({tl for tl, roles in lanes if any(r.startswith("rma") for r in roles)})
-        am = sorted({tl for tl, roles in lanes if "am" in roles})
-        self.last_transports = "; ".join(
-            [
-                f"rma: {', '.join(rma)}" if rma else f"rma: {', '.join(am) or '?'} (software emulation)",
-                f"am: {', '.join(am) or '?'}",
-            ]
-        )
         log.info("UCX transports to peer %s (%s): %s", peer, p.info.bootstrap, self.last_transports)
 
     def close(self) -> None:
@@ -493,15 +484,3 @@ class UcxTransceiver(LifecycleTransceiver):
         except Exception as e:
             log.debug("mem_unmap: %s", e)
 
-
-_LANE = re.compile(r"lane\[\d+\]:\s+\d+:(\S+?)(?:\.\d+)?\s+md\[\d+\].*?seg\s+\d+\s*(.*)$")
-
-
-def _lanes(info: str) -> list[tuple[str, list[str]]]:
-    """[(transport/device, [roles])] from ``ucp_ep_print_info``: e.g. ("cma/memory", ["rma_bw#0"])."""
-    out = []
-    for line in info.splitlines():
-        m = _LANE.search(line)
-        if m:
-            out.append((m.group(1), m.group(2).split()))
-    return out

@@ -161,7 +161,6 @@ def test_peer_killed_during_a_large_write():
         decode.stop()
 
 
-
 def test_pull_sender_refuses_block_ids_outside_the_pool():
     """A pull sender checks its ids when it sends (from their packing, which BlocksReady
     carries), as the NIXL one does: a refused call leaves nothing pending."""
