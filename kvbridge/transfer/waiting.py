@@ -23,6 +23,7 @@ SPIN_AFTER_POST_S = 200e-6  # after posting our op, ``wait`` re-polls without sl
 HOT_S = 5e-3  # after a message or event, ``wait`` re-polls without sleeping this long
 OWN_OP_SPIN_S = 1e-3  # an op of ours in flight: ``wait`` re-polls without sleeping this long after posting
 OWN_OP_SLEEP_S = 200e-6  # ... and then sleeps at most this long between polls (it waits on the peer)
+WATCH_S = 50e-6  # between two such polls, a backend watches for news this long (_watch_briefly)
 
 
 class WaitLoop:
@@ -59,7 +60,7 @@ class WaitLoop:
             if len(events) >= min_events or left <= 0 or self._closed or self._take_wake():
                 return events
             if self._due_soon(now):
-                os.sched_yield()  # releases the GIL too; time.sleep(0) would sleep ~50 µs (timer slack)
+                self._watch_briefly()
                 continue
             self._sleep(min(left, OWN_OP_SLEEP_S) if self._own_op_in_flight() else left)
 
@@ -69,6 +70,11 @@ class WaitLoop:
     def _ready_events(self, min_events: int) -> list[TransferEvent] | None:
         """At least ``min_events`` events that need no poll, or None (lifecycle.py)."""
         return None
+
+    def _watch_briefly(self) -> None:
+        """Between two polls while something is due: look for news the cheapest way the
+        backend has, for ``WATCH_S`` at most, then yield the core."""
+        os.sched_yield()  # releases the GIL too; time.sleep(0) would sleep ~50 µs (timer slack)
 
     def _arm_sleep(self) -> None:
         """Before each poll in ``wait``: news that arrives from now on ends the next ``_sleep``."""
