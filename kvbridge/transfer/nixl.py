@@ -29,8 +29,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from kvbridge.config import CacheTransceiverConfig, TransferMode, ucx_copy_defaults
 from kvbridge.engine.kv_cache import KVCache
 from kvbridge.transfer import handshake, probe
@@ -48,8 +46,9 @@ from kvbridge.transfer.base import (
     encode,
 )
 from kvbridge.transfer.hooks import _Req
-from kvbridge.transfer.integrity import is_stretch, pack_ids
+from kvbridge.transfer.integrity import pack_ids
 from kvbridge.transfer.lifecycle import LAYOUT, LifecycleTransceiver
+from kvbridge.transfer.nixl_index import _block_descs, _index_grid, _indices, _stretch_indices
 from kvbridge.transfer.waiting import WATCH_S
 
 __all__ = ["LAYOUT", "NixlTransceiver"]
@@ -466,44 +465,3 @@ def _libc_fflush() -> None:
         ctypes.CDLL(None).fflush(None)  # fflush(NULL): every output stream of this process
     except (OSError, AttributeError):
         pass
-
-
-def _index_grid(num_layers: int, num_blocks: int) -> np.ndarray:
-    """(num_layers, num_blocks) int32: the prepared-list index ``layer * num_blocks + block``
-    of every (layer, block), 4 bytes for each descriptor NIXL already holds. A run of ids is
-    a slice of it, taken in one numpy call: code run right after a large copy finds the
-    caches cold, where each numpy call costs 5-15 µs (building the indices of 256 ids with
-    fromiter, add and a range check cost ~60 µs cold, the slice ~14 µs)."""
-    return np.arange(num_layers, dtype=np.int32)[:, None] * np.int32(num_blocks) + np.arange(num_blocks, dtype=np.int32)
-
-
-def _indices(grid: np.ndarray, block_ids: list[int]) -> np.ndarray | None:
-    """The indices in ``grid`` of ``block_ids`` on every layer, layer-major (int32, as
-    ``make_prepped_xfer`` takes them); None when an id is not a block of the grid."""
-    n, nb = len(block_ids), grid.shape[1]
-    try:
-        s = block_ids[0]
-        if 0 <= s and s + n <= nb and is_stretch(block_ids, 0, n):  # one run of ids
-            return _stretch_indices(grid, s, n)
-        ids = np.fromiter(block_ids, np.int32, n)
-    except (IndexError, OverflowError, TypeError, ValueError):  # none, or not an int32
-        return None
-    if ids.view(np.uint32).max() >= nb:  # a negative id reads as a huge uint32
-        return None
-    return (grid[:, :1] + ids).ravel()
-
-
-def _stretch_indices(grid: np.ndarray, first: int, n: int) -> np.ndarray | None:
-    """The indices of ids ``first .. first + n - 1`` on every layer: one slice of ``grid``;
-    None when they are not all blocks of it."""
-    return grid[:, first : first + n].ravel() if 0 <= first and 0 < n and first + n <= grid.shape[1] else None
-
-
-def _block_descs(base: int, num_layers: int, num_blocks: int, block_bytes: int, device_id: int) -> np.ndarray:
-    """(num_layers * num_blocks, 3) [address, length, device] for every (layer, block)."""
-    n = num_layers * num_blocks
-    arr = np.empty((n, 3), dtype=np.uint64)
-    arr[:, 0] = base + np.arange(n, dtype=np.uint64) * np.uint64(block_bytes)
-    arr[:, 1] = block_bytes
-    arr[:, 2] = device_id
-    return arr

@@ -153,7 +153,7 @@ def test_transfer_time_histogram_is_cumulative_with_bounds_inclusive():
 
 
 def test_nixl_indices_are_every_layer_s_ids_or_none_outside_the_pool():
-    from kvbridge.transfer.nixl import _index_grid, _indices
+    from kvbridge.transfer.nixl_index import _index_grid, _indices
 
     layers, nb = 3, 64
     grid = _index_grid(layers, nb)
@@ -243,7 +243,8 @@ def test_nixl_prepares_packed_ids_as_their_indices():
     from types import SimpleNamespace
 
     from kvbridge.transfer.integrity import pack_ids
-    from kvbridge.transfer.nixl import NixlTransceiver, _index_grid, _indices
+    from kvbridge.transfer.nixl import NixlTransceiver
+    from kvbridge.transfer.nixl_index import _index_grid, _indices
 
     grid = _index_grid(3, 64)
     t = SimpleNamespace(_grid=grid, _peers={"p": SimpleNamespace(grid=_index_grid(3, 16))})
