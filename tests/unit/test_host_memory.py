@@ -7,8 +7,8 @@ import sys
 from kvbridge.engine.host_memory import SETTINGS, keep_freed_memory
 
 # A forward pass in miniature (one thread): MLP and attention-like products on 700 or 1024
-# rows, the sizes alternating like prompts do; prints the page faults of passes 4-7 (the
-# first ones grow the heap).
+# rows, the sizes alternating like prompts do; prints the page faults of each of passes 4-11
+# (the first ones grow the heap).
 CHILD = """
 import resource, sys, torch
 if sys.argv[1] == "kept":
@@ -23,12 +23,14 @@ def forward(rows):
         h = x @ w1
         x = x + (torch.nn.functional.silu(h[:, :1536]) * h[:, 1536:]) @ w2
         x = x + torch.softmax(x @ x[: rows // 2].T, dim=-1) @ x[: rows // 2] * 0.01
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for i in range(4):
     forward(1024 if i % 2 else 700)
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for i in range(4):
+for i in range(8):
+    f0 = faults()
     forward(1024 if i % 2 else 700)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    print(faults() - f0)
 """
 
 
@@ -40,13 +42,17 @@ def _child(code: str, *args: str) -> list[str]:
 
 
 def _faults(mode: str) -> int:
-    return int(_child(CHILD, mode)[-1])
+    """The median page faults of one pass. The median, because where the heap fragments (it
+    depends on the CPU's matrix kernels), one pass in a few may still grow it: a CI machine
+    once faulted 3,500 pages in 4 passes with the memory kept, against 24,000 without."""
+    per_pass = sorted(int(word) for word in _child(CHILD, mode))
+    return per_pass[len(per_pass) // 2]
 
 
 def test_freed_tensor_memory_is_reused_without_page_faults():
     plain, kept = _faults("plain"), _faults("kept")
-    assert plain > 2000, f"malloc's defaults faulted only {plain} pages: the test shows nothing here"
-    assert kept < plain // 10, f"with freed memory kept: {kept} faults, against {plain} without"
+    assert plain > 500, f"malloc's defaults faulted only {plain} pages a pass: the test shows nothing here"
+    assert kept < plain // 10, f"with freed memory kept: {kept} faults a pass, against {plain} without"
 
 
 def test_a_threshold_the_user_set_is_left_alone():
