@@ -134,11 +134,14 @@ class UcxTransceiver(LifecycleTransceiver):
     ) -> None:
         super().__init__(kv, config, model_id=model_id)
         self._init_lifecycle()
+        ours = "UCX_MEMTYPE_CACHE" not in os.environ
         try:
             import ucxx
             import ucxx._lib.libucxx as ucx_api
         except ImportError as e:
             raise BackendUnavailable(f"cache_transceiver_config.backend UCX needs ucxx ({e}): pip install ucxx-cu12==0.52") from None
+        if ours:  # ucxx sets it for old UCX; the UCX it brings (1.21) warns "unused environment
+            os.environ.pop("UCX_MEMTYPE_CACHE", None)  # variable" for it, in this process and its children
         self._api = ucx_api
         self._ucp = _Ucp()
         self.ucx_version = ".".join(map(str, ucx_api.get_ucx_version()))

@@ -10,6 +10,8 @@ sleep. Every test ends with both block pools full again and nothing pending.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -174,3 +176,20 @@ def test_pull_sender_refuses_block_ids_outside_the_pool():
     finally:
         prefill.stop()
         decode.stop()
+
+
+def test_start_leaves_no_unknown_ucx_variable():
+    """ucxx sets UCX_MEMTYPE_CACHE on import, which the UCX it brings no longer reads: UCX
+    warned "unused environment variable" in every worker (and its children) using UCX."""
+    code = (
+        "import os\n"
+        "from tests.transfer_harness import PeerSpec, _build\n"
+        "kv, pool, t = _build(PeerSpec(backend='ucx'))\n"
+        "print(os.environ.get('UCX_MEMTYPE_CACHE'))\n"
+        "t.close()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "UCX_MEMTYPE_CACHE"}
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["None"], out.stdout
+    assert "unused environment variable" not in out.stderr, out.stderr
