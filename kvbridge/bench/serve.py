@@ -64,6 +64,7 @@ class Result:
     ttft_p50_ms: float
     ttft_p99_ms: float
     tpot_ms: float
+    prompt_tokens_mean: float = float("nan")  # as the server counted them (chat: with the template)
     transfer_share_of_ttft: float | None = None
     ttft_split_ms: dict[str, float] = field(default_factory=dict)
 
@@ -116,14 +117,20 @@ class Server:
 # --------------------------------------------------------------------------- load
 
 
-def chat_prompt(i: int, target_words: int = 150) -> list[dict[str, str]]:
+# Notes per chat prompt: ~200 prompt tokens as the server counts them (the chat template and
+# the model's default system prompt included, as vLLM's usage counts them too); 150 made ~290.
+CHAT_WORDS = 100
+
+
+def chat_prompt(i: int, target_words: int = CHAT_WORDS) -> list[dict[str, str]]:
     topic = TOPICS[i % len(TOPICS)]
     context = " ".join(f"Note {j} about {topic}: keep the answer short and concrete." for j in range(target_words // 10))
     return [{"role": "user", "content": f"Request {i}. {context} Explain {topic} in two sentences."}]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, w: Workload, i: int, rng: random.Random) -> tuple[float, float, int] | None:
-    """→ (ttft s, total s, output tokens) or None on failure. Streams and times the first content."""
+async def one_request(client: httpx.AsyncClient, url: str, w: Workload, i: int, rng: random.Random) -> tuple[float, float, int, int] | None:
+    """→ (ttft s, total s, output tokens, prompt tokens) or None on failure. Streams and times
+    the first content."""
     if w.prompt_tokens:
         body = {"prompt": [rng.randrange(100, 40000) for _ in range(w.prompt_tokens)], "max_tokens": w.output_tokens}
         path = "/v1/completions"
@@ -132,7 +139,7 @@ async def one_request(client: httpx.AsyncClient, url: str, w: Workload, i: int, 
         path = "/v1/chat/completions"
     body |= {"stream": True, "temperature": 0, "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, prompt_tokens = None, 0, 0
     try:
         async with client.stream("POST", url + path, json=body, timeout=600) as r:
             if r.status_code != 200:
@@ -144,19 +151,19 @@ async def one_request(client: httpx.AsyncClient, url: str, w: Workload, i: int, 
                 if "error" in chunk:
                     return None
                 if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
+                    tokens, prompt_tokens = chunk["usage"]["completion_tokens"], chunk["usage"]["prompt_tokens"]
                 if ttft is None and chunk.get("choices"):
                     ttft = time.perf_counter() - t0
     except httpx.HTTPError:
         return None
     if ttft is None:
         return None
-    return ttft, time.perf_counter() - t0, tokens
+    return ttft, time.perf_counter() - t0, tokens, prompt_tokens
 
 
-async def run_load(url: str, w: Workload, seed: int = 0) -> tuple[list[tuple[float, float, int]], int, float]:
+async def run_load(url: str, w: Workload, seed: int = 0) -> tuple[list[tuple[float, float, int, int]], int, float]:
     rng = random.Random(seed)
-    results: list[tuple[float, float, int]] = []
+    results: list[tuple[float, float, int, int]] = []
     failed = 0
     limits = httpx.Limits(max_connections=w.concurrency + 4)
     async with httpx.AsyncClient(limits=limits) as client:
@@ -194,7 +201,7 @@ def ttft_split(url: str) -> dict[str, tuple[float, int]]:
     return {k: (v[0], int(v[1])) for k, v in out.items()}
 
 
-def summarize(target: str, w: Workload, runs: list[tuple[float, float, int]], failed: int, seconds: float,
+def summarize(target: str, w: Workload, runs: list[tuple[float, float, int, int]], failed: int, seconds: float,
               before: dict, after: dict) -> Result:  # fmt: skip
     ttfts = sorted(r[0] for r in runs) or [float("nan")]
     tpots = [(r[1] - r[0]) / (r[2] - 1) for r in runs if r[2] > 1]
@@ -212,6 +219,7 @@ def summarize(target: str, w: Workload, runs: list[tuple[float, float, int]], fa
         req_per_s=len(runs) / seconds, out_tok_per_s=out_tokens / seconds,
         ttft_p50_ms=1000 * statistics.median(ttfts), ttft_p99_ms=1000 * p99,
         tpot_ms=1000 * statistics.fmean(tpots) if tpots else float("nan"),
+        prompt_tokens_mean=statistics.fmean(r[3] for r in runs) if runs else float("nan"),
         transfer_share_of_ttft=share, ttft_split_ms=split,
     )  # fmt: skip
 
@@ -220,12 +228,12 @@ def summarize(target: str, w: Workload, runs: list[tuple[float, float, int]], fa
 
 
 def print_table(results: list[Result]) -> None:
-    head = f"{'target':<15} {'workload':<22} {'ok':>4} {'fail':>4} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT ms':>8} {'KV xfer/TTFT':>12}"
+    head = f"{'target':<15} {'workload':<22} {'in tok':>6} {'ok':>4} {'fail':>4} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT ms':>8} {'KV xfer/TTFT':>12}"
     print(head)
     print("-" * len(head))
     for r in results:
         share = f"{100 * r.transfer_share_of_ttft:.1f}%" if r.transfer_share_of_ttft is not None else "-"
-        print(f"{r.target:<15} {r.workload:<22} {r.num_ok:>4} {r.num_failed:>4} {r.req_per_s:>7.2f} {r.out_tok_per_s:>8.1f} "
+        print(f"{r.target:<15} {r.workload:<22} {r.prompt_tokens_mean:>6.0f} {r.num_ok:>4} {r.num_failed:>4} {r.req_per_s:>7.2f} {r.out_tok_per_s:>8.1f} "
               f"{r.ttft_p50_ms:>8.0f}ms {r.ttft_p99_ms:>8.0f}ms {r.tpot_ms:>8.1f} {share:>12}")  # fmt: skip
         if r.ttft_split_ms:
             print(" " * 16 + "TTFT split (mean ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r.ttft_split_ms.items()))
