@@ -48,7 +48,7 @@ from kvbridge.transfer.base import (
 from kvbridge.transfer.hooks import _Req
 from kvbridge.transfer.integrity import pack_ids
 from kvbridge.transfer.lifecycle import LAYOUT, LifecycleTransceiver
-from kvbridge.transfer.nixl_index import _block_descs, _index_grid, _indices, _stretch_indices
+from kvbridge.transfer.nixl_index import block_descs, block_indices, index_grid, stretch_indices
 from kvbridge.transfer.waiting import WATCH_S
 
 __all__ = ["LAYOUT", "NixlTransceiver"]
@@ -67,7 +67,7 @@ _READ_DRIVE_S = 1e-3  # a READ's: the decode side's streams wait for it (see _po
 class _Peer:
     info: PeerInfo
     dlist: Any = None  # prepared remote descriptor list
-    grid: Any = None  # index in ``dlist`` of every (layer, block): see _index_grid
+    grid: Any = None  # index in ``dlist`` of every (layer, block): see index_grid
     alive: bool = True
     transports_logged: bool = False
     transports_since: float | None = None  # first completed transfer (then the log line is due)
@@ -121,9 +121,9 @@ class NixlTransceiver(LifecycleTransceiver):
         self.mem_type = "VRAM" if kv.is_cuda else "DRAM"
         self.device_id = (kv.device.index or 0) if kv.is_cuda else 0
         self._reg = self.agent.register_memory([(kv.base_address, lay.total_bytes, self.device_id, "")], self.mem_type)
-        self._grid = _index_grid(lay.num_layers, lay.num_blocks)
+        self._grid = index_grid(lay.num_layers, lay.num_blocks)
         self._local_dlist = self.agent.prep_xfer_dlist(
-            "", _block_descs(kv.base_address, lay.num_layers, lay.num_blocks, lay.block_bytes, self.device_id), self.mem_type
+            "", block_descs(kv.base_address, lay.num_layers, lay.num_blocks, lay.block_bytes, self.device_id), self.mem_type
         )
         self._info = self._make_info(model_id, f"nixl/{self.nixl_backend}", self.agent.get_agent_metadata())
         self._wake = threading.Event()
@@ -165,9 +165,9 @@ class NixlTransceiver(LifecycleTransceiver):
     def _add_peer(self, info: PeerInfo) -> None:
         name = self.agent.add_remote_agent(info.agent_metadata)
         name = name.decode() if isinstance(name, bytes) else name
-        descs = _block_descs(info.region_bases[0], int(info.fingerprint_fields["num_layers"]), info.num_blocks, info.block_bytes, info.device_id)
+        descs = block_descs(info.region_bases[0], int(info.fingerprint_fields["num_layers"]), info.num_blocks, info.block_bytes, info.device_id)
         dlist = self.agent.prep_xfer_dlist(info.agent_name, descs, info.mem_type)
-        self._peers[info.agent_name] = _Peer(info, dlist, _index_grid(int(info.fingerprint_fields["num_layers"]), info.num_blocks))
+        self._peers[info.agent_name] = _Peer(info, dlist, index_grid(int(info.fingerprint_fields["num_layers"]), info.num_blocks))
         try:  # bring the connection up now: the first transfer is 2-5x slower otherwise
             self.agent.make_connection(info.agent_name)
         except Exception as e:
@@ -182,7 +182,7 @@ class NixlTransceiver(LifecycleTransceiver):
             raise ValueError(f"request {request_id}: no blocks to transfer")
         nb = self.kv.layout.num_blocks
         if own_op:
-            idx = _indices(self._grid, block_ids)
+            idx = block_indices(self._grid, block_ids)
             if idx is not None:
                 return idx
         elif packed is not None or (min(block_ids) >= 0 and max(block_ids) < nb):
@@ -217,8 +217,8 @@ class NixlTransceiver(LifecycleTransceiver):
                 return None
             grid = p.grid
         if packed is not None and len(packed) == 2:
-            return _stretch_indices(grid, *packed)
-        return _indices(grid, block_ids)
+            return stretch_indices(grid, *packed)
+        return block_indices(grid, block_ids)
 
     def _post(self, op: str, local_ids: list[int], peer: str, remote_ids: list[int], notif: bytes, req: _Req) -> Any:
         p = self._peers[peer]

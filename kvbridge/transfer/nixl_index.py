@@ -1,9 +1,9 @@
 """Where every (layer, block) of a KV region sits in NIXL's prepared descriptor lists.
 
 A region's list has one descriptor per (layer, block), layer-major: descriptor
-``layer * num_blocks + block``. ``_block_descs`` builds it; ``_index_grid`` holds every index
-once, so that the indices of a request's blocks are a slice of it (``_stretch_indices``) or
-one gather (``_indices``), as ``make_prepped_xfer`` takes them.
+``layer * num_blocks + block``. ``block_descs`` builds it; ``index_grid`` holds every index
+once, so that the indices of a request's blocks are a slice of it (``stretch_indices``) or
+one gather (``block_indices``), as ``make_prepped_xfer`` takes them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 from kvbridge.transfer.integrity import is_stretch
 
 
-def _index_grid(num_layers: int, num_blocks: int) -> np.ndarray:
+def index_grid(num_layers: int, num_blocks: int) -> np.ndarray:
     """(num_layers, num_blocks) int32: the prepared-list index ``layer * num_blocks + block``
     of every (layer, block), 4 bytes for each descriptor NIXL already holds. A run of ids is
     a slice of it, taken in one numpy call: code run right after a large copy finds the
@@ -22,14 +22,14 @@ def _index_grid(num_layers: int, num_blocks: int) -> np.ndarray:
     return np.arange(num_layers, dtype=np.int32)[:, None] * np.int32(num_blocks) + np.arange(num_blocks, dtype=np.int32)
 
 
-def _indices(grid: np.ndarray, block_ids: list[int]) -> np.ndarray | None:
+def block_indices(grid: np.ndarray, block_ids: list[int]) -> np.ndarray | None:
     """The indices in ``grid`` of ``block_ids`` on every layer, layer-major (int32, as
     ``make_prepped_xfer`` takes them); None when an id is not a block of the grid."""
     n, nb = len(block_ids), grid.shape[1]
     try:
         s = block_ids[0]
         if 0 <= s and s + n <= nb and is_stretch(block_ids, 0, n):  # one run of ids
-            return _stretch_indices(grid, s, n)
+            return stretch_indices(grid, s, n)
         ids = np.fromiter(block_ids, np.int32, n)
     except (IndexError, OverflowError, TypeError, ValueError):  # none, or not an int32
         return None
@@ -38,13 +38,13 @@ def _indices(grid: np.ndarray, block_ids: list[int]) -> np.ndarray | None:
     return (grid[:, :1] + ids).ravel()
 
 
-def _stretch_indices(grid: np.ndarray, first: int, n: int) -> np.ndarray | None:
+def stretch_indices(grid: np.ndarray, first: int, n: int) -> np.ndarray | None:
     """The indices of ids ``first .. first + n - 1`` on every layer: one slice of ``grid``;
     None when they are not all blocks of it."""
     return grid[:, first : first + n].ravel() if 0 <= first and 0 < n and first + n <= grid.shape[1] else None
 
 
-def _block_descs(base: int, num_layers: int, num_blocks: int, block_bytes: int, device_id: int) -> np.ndarray:
+def block_descs(base: int, num_layers: int, num_blocks: int, block_bytes: int, device_id: int) -> np.ndarray:
     """(num_layers * num_blocks, 3) [address, length, device] for every (layer, block)."""
     n = num_layers * num_blocks
     arr = np.empty((n, 3), dtype=np.uint64)

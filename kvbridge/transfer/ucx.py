@@ -140,8 +140,10 @@ class UcxTransceiver(LifecycleTransceiver):
             import ucxx._lib.libucxx as ucx_api
         except ImportError as e:
             raise BackendUnavailable(f"cache_transceiver_config.backend UCX needs ucxx ({e}): pip install ucxx-cu12==0.52") from None
-        if ours:  # ucxx sets it for old UCX; the UCX it brings (1.21) warns "unused environment
-            os.environ.pop("UCX_MEMTYPE_CACHE", None)  # variable" for it, in this process and its children
+        # ucxx sets UCX_MEMTYPE_CACHE for old UCX; the UCX it brings (1.21) no longer reads it
+        # and warns "unused environment variable" in this process and its children
+        if ours:
+            os.environ.pop("UCX_MEMTYPE_CACHE", None)
         self._api = ucx_api
         self._ucp = _Ucp()
         self.ucx_version = ".".join(map(str, ucx_api.get_ucx_version()))

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -189,7 +190,7 @@ def test_start_leaves_no_unknown_ucx_variable():
         "t.close()\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "UCX_MEMTYPE_CACHE"}
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    repo = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["None"], out.stdout
     assert "unused environment variable" not in out.stderr, out.stderr

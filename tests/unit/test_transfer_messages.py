@@ -153,10 +153,10 @@ def test_transfer_time_histogram_is_cumulative_with_bounds_inclusive():
 
 
 def test_nixl_indices_are_every_layer_s_ids_or_none_outside_the_pool():
-    from kvbridge.transfer.nixl_index import _index_grid, _indices
+    from kvbridge.transfer.nixl_index import block_indices, index_grid
 
     layers, nb = 3, 64
-    grid = _index_grid(layers, nb)
+    grid = index_grid(layers, nb)
     assert grid.dtype == np.int32 and grid.shape == (layers, nb)
     rng = random.Random(5)
     for _ in range(400):
@@ -166,14 +166,14 @@ def test_nixl_indices_are_every_layer_s_ids_or_none_outside_the_pool():
             ids = list(range(start, start + n))
         else:
             ids = rng.sample(range(-2, nb + 3), n)
-        got = _indices(grid, ids)
+        got = block_indices(grid, ids)
         if all(0 <= i < nb for i in ids):
             assert got is not None and got.dtype == np.int32
             assert got.tolist() == [layer * nb + i for layer in range(layers) for i in ids]
         else:
             assert got is None, ids
-    assert _indices(grid, []) is None
-    assert _indices(grid, [1, None]) is None and _indices(grid, [2**40]) is None
+    assert block_indices(grid, []) is None
+    assert block_indices(grid, [1, None]) is None and block_indices(grid, [2**40]) is None
 
 
 def test_packed_block_ids_round_trip_and_malformed_ones_are_refused():
@@ -244,13 +244,13 @@ def test_nixl_prepares_packed_ids_as_their_indices():
 
     from kvbridge.transfer.integrity import pack_ids
     from kvbridge.transfer.nixl import NixlTransceiver
-    from kvbridge.transfer.nixl_index import _index_grid, _indices
+    from kvbridge.transfer.nixl_index import block_indices, index_grid
 
-    grid = _index_grid(3, 64)
-    t = SimpleNamespace(_grid=grid, _peers={"p": SimpleNamespace(grid=_index_grid(3, 16))})
+    grid = index_grid(3, 64)
+    t = SimpleNamespace(_grid=grid, _peers={"p": SimpleNamespace(grid=index_grid(3, 16))})
     prepare = NixlTransceiver._prepare
     for ids in ([5, 6, 7], list(range(64)), [63], [1, 2, 9, 10]):
-        assert prepare(t, ids, None, pack_ids(ids)).tolist() == _indices(grid, ids).tolist()
+        assert prepare(t, ids, None, pack_ids(ids)).tolist() == block_indices(grid, ids).tolist()
     assert prepare(t, [10, 11], "p", [10, 2]).tolist() == [10, 11, 26, 27, 42, 43]
     assert prepare(t, list(range(10, 20)), "p", [10, 10]) is None  # past the peer's 16 blocks
     assert prepare(t, [1], "gone", [1, 1]) is None
