@@ -41,6 +41,7 @@ ENGINE_FLAGS = {
     "max_model_len": ("engine", "max_model_len"),
     "kv_cache_memory_mb": ("engine", "kv_cache_memory_mb"),
     "num_threads": ("engine", "num_threads"),
+    "attention_backend": ("engine", "attention_backend"),
 }
 CLUSTER_FLAGS = {
     "etcd": ("cluster", "etcd"),
@@ -125,6 +126,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     g.add_argument("--kv-cache-memory-mb", type=int, help="KV pool size in MiB (default: 512)")
     g.add_argument("--num-threads", type=int, help="torch threads (default: KVBRIDGE_NUM_THREADS or all cores)")
+    g.add_argument(
+        "--attention-backend", choices=("auto", "native", "torch"),
+        help="decode attention: native C kernel (bfloat16, CPU; built once with the machine's cc), torch, or auto (default)",
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- serve

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kvbridge.engine.native import PagedDecode
+
 
 @dataclass
 class PrefillSeq:
@@ -37,13 +39,18 @@ class AttentionBatch:
     decode_kv_blocks: torch.Tensor | None  # (2, B, nkv, M) their K/V blocks (``cache_blocks``), padded
     decode_mask: torch.Tensor | None  # (B, 1, M*bs) True where a key is valid
     prefills: list[PrefillSeq] = field(default_factory=list)
+    # the native kernel's inputs instead of the two above (``native``: see engine/native)
+    native: PagedDecode | None = None
+    decode_tables: torch.Tensor | None = None  # (B, M) block ids, padded
+    decode_lens: torch.Tensor | None = None  # (B,) tokens with KV, the new one included
+    decode_max_len: int = 0
     # derived once per step, so that the 30-odd layers do not each redo them
     decode_only: bool = field(init=False)  # every row is a decode, in order: no gather/scatter of q
     decode_hidden: torch.Tensor | None = field(init=False)  # ~decode_mask
     _causal: dict[int, torch.Tensor] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.decode_only = self.decode_kv_blocks is not None and not self.prefills and len(self.decode_rows) == len(self.positions)
+        self.decode_only = len(self.decode_rows) > 0 and not self.prefills and len(self.decode_rows) == len(self.positions)
         self.decode_hidden = None if self.decode_mask is None else ~self.decode_mask
 
     def hidden_above_diagonal(self, n: int, device: torch.device) -> torch.Tensor:
@@ -145,7 +152,7 @@ def paged_attention(
     if batch.decode_only:
         return _grouped_decode(q, kv_layer, batch, nkv, g).view(T, nh, hd)
     out = torch.empty_like(q)
-    if batch.decode_kv_blocks is not None:
+    if len(batch.decode_rows):
         out[batch.decode_rows] = _grouped_decode(q[batch.decode_rows], kv_layer, batch, nkv, g).view(-1, nh, hd)
     for p in batch.prefills:
         if p.kv_rows is None:  # no earlier context: attend to the chunk itself
@@ -168,6 +175,8 @@ def paged_attention(
 
 def _grouped_decode(qd: torch.Tensor, kv_layer: torch.Tensor, batch: AttentionBatch, nkv: int, g: int) -> torch.Tensor:
     """The decode rows' queries qd (B, nh, hd), scaled, against their cache rows: (B, nkv, g, 1, hd)."""
+    if batch.native is not None:
+        return batch.native(qd, kv_layer, batch.decode_tables, batch.decode_lens, batch.decode_max_len)
     kd, vd = read_blocks(kv_layer, batch.decode_kv_blocks)  # (B, nkv, L, hd)
     return grouped_attention(qd.view(-1, nkv, g, 1, qd.shape[-1]), kd, vd, batch.decode_hidden[:, None, None])
 

@@ -15,7 +15,8 @@ from typing import TypeVar
 
 import torch
 
-from kvbridge.config import EngineConfig
+from kvbridge.config import ConfigError, EngineConfig
+from kvbridge.engine import native
 from kvbridge.engine.block_pool import BlockPool
 from kvbridge.engine.host_memory import keep_freed_memory, release_freed_memory
 from kvbridge.engine.kv_cache import TORCH_DTYPES, KVCache, KVLayout, num_blocks_for_memory
@@ -79,6 +80,25 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
 
 
+def resolve_attention(name: str, dtype_name: str, device: torch.device) -> native.PagedDecode | None:
+    """The native decode-attention kernel, or None for torch's path. ``auto``: native for
+    bfloat16 on CPU where it builds, else torch (with a warning when the build failed);
+    ``native``: that, or a startup error that says why not; ``torch``: always torch."""
+    if name == "torch":
+        return None
+    if device.type != "cpu" or dtype_name != "bfloat16":
+        if name == "native":
+            raise ConfigError(f"engine.attention_backend native runs bfloat16 on CPU, not {dtype_name} on {device}")
+        return None
+    try:
+        return native.load()
+    except native.NativeUnavailable as e:
+        if name == "native":
+            raise ConfigError(f"engine.attention_backend native: {e}") from None
+        log.warning("native decode attention unavailable, using torch's: %s", e)
+        return None
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         keep_freed_memory()  # before any tensor, and before a transceiver starts UCX
@@ -120,7 +140,8 @@ class LLMEngine:
         self.kv_cache = KVCache(self.layout, device)
         self.block_pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_pool, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_cache)
+        self.native = resolve_attention(config.attention_backend, self.dtype_name, device)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.native)
         self._outputs: dict[str, OutputState] = {}
         self._held: dict[str, Request] = {}  # finished hold_kv requests whose blocks await a transfer
         self._ready: list[tuple[Request, int, float | None]] = []  # remote prefills done, first token to emit
@@ -129,9 +150,9 @@ class LLMEngine:
         self.load_seconds = time.perf_counter() - t0
         log.info(
             "engine ready: model=%s dtype=%s device=%s layers=%d kv_blocks=%d x %d tokens (%.0f MiB%s) threads=%d "
-            "linear=%s load=%.1fs",
+            "linear=%s attention=%s load=%.1fs",
             self.model_name, self.dtype_name, device, spec.num_layers, num_blocks, config.block_size,
-            self.layout.total_bytes / 2**20, ", huge pages" if self.kv_cache.huge_pages else "", threads, "onednn-packed" if self.packed_linears else "torch", self.load_seconds,
+            self.layout.total_bytes / 2**20, ", huge pages" if self.kv_cache.huge_pages else "", threads, "onednn-packed" if self.packed_linears else "torch", "native" if self.native else "torch", self.load_seconds,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ requests

@@ -9,12 +9,14 @@ import torch
 from kvbridge.engine.attention import AttentionBatch, PrefillSeq, cache_blocks, cache_rows, token_rows
 from kvbridge.engine.kv_cache import KVCache
 from kvbridge.engine.models.llama import LlamaModel
+from kvbridge.engine.native import PagedDecode
 from kvbridge.engine.scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, native: PagedDecode | None = None) -> None:
         self.model = model
+        self.native = native  # decode attention by the native kernel (bfloat16, CPU)
         self.kv = kv_cache
         self.device = kv_cache.device
         self.block_size = kv_cache.layout.block_size
@@ -53,13 +55,14 @@ class ModelRunner:
                 sampling.append(i)
 
         pos = torch.tensor(positions, **long)
-        decode_kv_blocks = mask = None
+        decode_kv_blocks = mask = tables = lens = None
         if decode_rows:
             width = max(len(t) for t in decode_tables)
             tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], **long)
             lens = torch.tensor(decode_lens, **long)
-            decode_kv_blocks = cache_blocks(tables, nkv)  # (2, B, nkv, width)
-            mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, :]  # (B, 1, L)
+            if self.native is None:
+                decode_kv_blocks = cache_blocks(tables, nkv)  # (2, B, nkv, width)
+                mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, :]  # (B, 1, L)
         attn = AttentionBatch(
             positions=pos,
             write_rows=token_rows(torch.tensor(slot_blocks, **long), pos % bs, nkv, bs),
@@ -68,6 +71,10 @@ class ModelRunner:
             decode_kv_blocks=decode_kv_blocks,
             decode_mask=mask,
             prefills=prefills,
+            native=self.native if decode_rows else None,
+            decode_tables=tables,
+            decode_lens=lens,
+            decode_max_len=max(decode_lens, default=0),
         )
         return torch.tensor(ids, **long), attn, sampling
 

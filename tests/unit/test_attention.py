@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvbridge.engine import attention
+from kvbridge.engine import attention, native
 from kvbridge.engine.attention import (
     AttentionBatch,
     PrefillSeq,
@@ -88,9 +88,10 @@ def test_paged_attention_matches_dense(dtype, score_elements, monkeypatch):
         r += new
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_step_of_decodes_only_matches_dense(dtype):
-    """Every row a decode (the steady state of serving): q is used in place, not gathered."""
+@pytest.mark.parametrize(("dtype", "use_native"), [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_a_step_of_decodes_only_matches_dense(dtype, use_native):
+    """Every row a decode (the steady state of serving): q is used in place, not gathered.
+    ``use_native``: the native kernel's portable C loop (a head dim of 8 is no AVX-512 case)."""
     torch.manual_seed(1)
     kv_layer = torch.zeros(NB, 2, NKV, BS, HD, dtype=dtype)
     perm = torch.randperm(NB).tolist()
@@ -116,6 +117,10 @@ def test_a_step_of_decodes_only_matches_dense(dtype):
         decode_rows=torch.arange(3),
         decode_kv_blocks=cache_blocks(padded, NKV),
         decode_mask=(torch.arange(width * BS)[None, :] <= torch.tensor(cached)[:, None])[:, None, :],
+        native=native.load() if use_native else None,
+        decode_tables=padded,
+        decode_lens=torch.tensor(cached) + 1,
+        decode_max_len=max(cached) + 1,
     )
     assert batch.decode_only
     q = torch.randn(3, NKV * G, HD).to(dtype)
