@@ -84,6 +84,15 @@ def test_the_library_is_built_once_per_machine(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left
 
 
+def test_an_unwritable_cache_folder_falls_back_to_the_temporary_one(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("KVBRIDGE_CACHE_DIR", str(blocker / "cache"))  # under a file: cannot be made
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    lib = native.build()
+    assert lib.parent == tmp_path / "tmp" / f"kvbridge-{native.os.getuid()}" and lib.exists()
+
+
 def test_no_compiler_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("KVBRIDGE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "/bin/false")

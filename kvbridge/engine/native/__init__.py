@@ -61,12 +61,22 @@ def build() -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeUnavailable(f"{cc} does not run: {e}") from None
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version]).encode()).hexdigest()[:16]
-    folder = cache_dir()
-    lib = folder / f"paged_decode-{key}.so"
-    if lib.exists():
-        return lib
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".paged_decode-", suffix=".so")
+    name = f"paged_decode-{key}.so"
+    # the cache folder, else one in the temporary folder (a read-only home, say)
+    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"kvbridge-{os.getuid()}"):
+        lib = folder / name
+        if lib.exists():
+            return lib
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".paged_decode-", suffix=".so")
+            break
+        except OSError as e:
+            log.debug("cannot write to %s: %s", folder, e)
+    else:
+        raise NativeUnavailable(
+            f"no writable folder for the kernels' library (tried {cache_dir()} and the temporary folder)"
+        )
     os.close(fd)
     try:
         done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
