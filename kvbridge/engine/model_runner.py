@@ -71,7 +71,7 @@ class ModelRunner:
             decode_kv_blocks=decode_kv_blocks,
             decode_mask=mask,
             prefills=prefills,
-            native=self.native if decode_rows else None,
+            native=self.native,
             decode_tables=tables,
             decode_lens=lens,
             decode_max_len=max(decode_lens, default=0),

@@ -97,7 +97,6 @@ class PagedDecode:
     """``paged_decode_bf16`` of the built library, called with torch tensors."""
 
     fn: ctypes._CFuncPtr
-    path: Path
 
     def __call__(
         self, q: torch.Tensor, kv_layer: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, max_len: int
@@ -129,4 +128,4 @@ def load() -> PagedDecode:
     fn = lib.paged_decode_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_int]
-    return PagedDecode(fn, path)
+    return PagedDecode(fn)

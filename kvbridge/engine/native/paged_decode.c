@@ -176,7 +176,6 @@ int paged_decode_bf16(const uint16_t *q, const uint16_t *kv, const int64_t *tabl
             for (int64_t i = 0; i < g; i++) {
                 for (int64_t d = 0; d < hd; d++) qf[i][d] = bf16_to_f32(qb[i * hd + d]);
                 mx[i] = -__builtin_inff();
-                sum[i] = 0.0f;
             }
             for (int64_t t = 0; t < L; t++) {
                 const uint16_t *k = kv + tables[b * width + (t >> bs_shift)] * block_elems + (h * bs + (t & (bs - 1))) * hd;
