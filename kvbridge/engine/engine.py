@@ -22,7 +22,7 @@ from kvbridge.engine.host_memory import keep_freed_memory, release_freed_memory
 from kvbridge.engine.kv_cache import TORCH_DTYPES, KVCache, KVLayout, num_blocks_for_memory
 from kvbridge.engine.model_runner import ModelRunner
 from kvbridge.engine.models.llama import LlamaModel, Rotary
-from kvbridge.engine.models.packed import pack_linears, pad_small_batches
+from kvbridge.engine.models.packed import native_linears, pack_linears, pad_small_batches
 from kvbridge.engine.output import OutputState, emit, token_stop
 from kvbridge.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
 from kvbridge.engine.sampler import sample
@@ -91,12 +91,43 @@ def resolve_attention(name: str, dtype_name: str, device: torch.device) -> nativ
             raise ConfigError(f"engine.attention_backend native runs bfloat16 on CPU, not {dtype_name} on {device}")
         return None
     try:
-        return native.load()
+        return native.load().paged_decode
     except native.NativeUnavailable as e:
         if name == "native":
             raise ConfigError(f"engine.attention_backend native: {e}") from None
         log.warning("native decode attention unavailable, using torch's: %s", e)
         return None
+
+
+def resolve_linear(name: str, dtype_name: str, device: torch.device, in_features: list[int]) -> native.LinearKernel | None:
+    """The native linear kernel, or None for torch's products (oneDNN-packed where exact).
+    ``auto``: native for bfloat16 on CPUs with AVX512-BF16 and no AMX (there oneDNN's AMX
+    kernels run prompts faster); ``native``: that, or a startup error that says why not."""
+    if name == "torch":
+        return None
+    why = ""
+    if device.type != "cpu" or dtype_name != "bfloat16":
+        why = f"runs bfloat16 on CPU, not {dtype_name} on {device}"
+    elif any(k % 2 for k in in_features):
+        why = f"needs an even number of inputs per layer, not {sorted(set(k for k in in_features if k % 2))}"
+    else:
+        try:
+            kernel = native.load().linear
+        except native.NativeUnavailable as e:
+            why = str(e)
+            if name == "auto":
+                log.warning("native linear layers unavailable, using torch's: %s", e)
+        else:
+            if kernel.available == 0:
+                why = "needs a CPU with AVX512-BF16"
+            elif kernel.available == 1 or name == "native":
+                return kernel
+            else:
+                return None  # auto on an AMX CPU
+    if name == "native":
+        raise ConfigError(f"engine.linear_backend native {why}")
+    log.debug("native linear layers not used: %s", why)
+    return None
 
 
 class LLMEngine:
@@ -128,7 +159,11 @@ class LLMEngine:
         if spec.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model.rope = Rotary(spec.head_dim, spec.rope_theta, self.max_model_len, device)
-        self.packed_linears = pack_linears(model, dtype, device)  # after tying: the head is packed apart
+        # after tying: the head is packed apart
+        kernel = resolve_linear(config.linear_backend, self.dtype_name, device, [m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)])
+        self.native_linears = native_linears(model, kernel) if kernel is not None else 0
+        self.packed_linears = 0 if kernel is not None else pack_linears(model, dtype, device)
+        self.linear_kind = "native" if self.native_linears else "onednn-packed" if self.packed_linears else "torch"
         pad_small_batches(model, dtype, device)  # float32: a row's bits must not depend on its batch
         self.model = model.eval()
         del weights
@@ -152,7 +187,7 @@ class LLMEngine:
             "engine ready: model=%s dtype=%s device=%s layers=%d kv_blocks=%d x %d tokens (%.0f MiB%s) threads=%d "
             "linear=%s attention=%s load=%.1fs",
             self.model_name, self.dtype_name, device, spec.num_layers, num_blocks, config.block_size,
-            self.layout.total_bytes / 2**20, ", huge pages" if self.kv_cache.huge_pages else "", threads, "onednn-packed" if self.packed_linears else "torch", "native" if self.native else "torch", self.load_seconds,
+            self.layout.total_bytes / 2**20, ", huge pages" if self.kv_cache.huge_pages else "", threads, self.linear_kind, "native" if self.native else "torch", self.load_seconds,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ requests

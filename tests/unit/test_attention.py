@@ -117,7 +117,7 @@ def test_a_step_of_decodes_only_matches_dense(dtype, use_native):
         decode_rows=torch.arange(3),
         decode_kv_blocks=cache_blocks(padded, NKV),
         decode_mask=(torch.arange(width * BS)[None, :] <= torch.tensor(cached)[:, None])[:, None, :],
-        native=native.load() if use_native else None,
+        native=native.load().paged_decode if use_native else None,
         decode_tables=padded,
         decode_lens=torch.tensor(cached) + 1,
         decode_max_len=max(cached) + 1,

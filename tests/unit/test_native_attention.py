@@ -47,7 +47,7 @@ def reference(q, kv, tables, lens):
 
 @pytest.mark.parametrize("hd", [64, 24])  # 64: the AVX-512 loop where the CPU has it; 24: the portable one
 def test_matches_float64_within_one_rounding(hd):
-    kern = native.load()
+    kern = native.load().paged_decode
     lens = [1, 15, 16, 17, 200, 33]
     q, kv, tables, lens_t = paged_case(lens, NKV * 3, hd)
     out = kern(q, kv, tables, lens_t, max(lens))
@@ -59,7 +59,7 @@ def test_matches_float64_within_one_rounding(hd):
 
 
 def test_a_request_gives_the_same_bits_alone_and_in_any_batch():
-    kern = native.load()
+    kern = native.load().paged_decode
     lens = [40, 7, 129, 64, 1]
     q, kv, tables, lens_t = paged_case(lens, NKV * 3, 64, seed=3)
     together = kern(q, kv, tables, lens_t, max(lens))
@@ -69,7 +69,7 @@ def test_a_request_gives_the_same_bits_alone_and_in_any_batch():
 
 
 def test_an_unsupported_shape_is_an_error_not_a_wrong_answer():
-    kern = native.load()
+    kern = native.load().paged_decode
     q, kv, tables, lens = paged_case([5], 17 * NKV, 64)  # 17 query heads per KV head: over the kernel's 16
     with pytest.raises(ValueError, match="unsupported shape"):
         kern(q, kv, tables, lens, 5)
@@ -105,7 +105,7 @@ def test_backend_resolution(monkeypatch, caplog):
     cpu = torch.device("cpu")
     assert resolve_attention("torch", "bfloat16", cpu) is None
     assert resolve_attention("auto", "float32", cpu) is None  # float32 keeps SDPA (transformers' kernel)
-    assert resolve_attention("auto", "bfloat16", cpu) is native.load()
+    assert resolve_attention("auto", "bfloat16", cpu) is native.load().paged_decode
     with pytest.raises(ConfigError, match="bfloat16 on CPU"):
         resolve_attention("native", "float32", cpu)
 

@@ -1,4 +1,5 @@
-"""Linear layers whose weights oneDNN reordered once, at load (CPU, bfloat16).
+"""Linear layers whose weights were packed once, at load (CPU, bfloat16): for oneDNN's
+kernels (``PackedLinear``) or for kvbridge's own (``NativeLinear``, engine/native/linear.c).
 
 ``F.linear`` hands oneDNN the weight in its plain (out, in) layout, and oneDNN reorders it
 into its blocked layout on every call: for the few rows of a decode step, that reorder costs
@@ -21,6 +22,8 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kvbridge.engine.native import LinearKernel, pack_linear_weight
 
 log = logging.getLogger("kvbridge.engine.packed")
 
@@ -83,6 +86,40 @@ class PackedLinear(nn.Module):
 
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+
+
+class NativeLinear(nn.Module):
+    """``x @ weight.T + bias`` by the native kernel (bfloat16, AVX512-BF16): a decode step's
+    rows share each weight load, and every row's sum runs in the same order in any batch, so
+    no padding of small batches is needed. Measured on this 2-core VM, the default model's
+    products for 8 rows with weights streaming from memory: 11-13.6 ms per step against
+    oneDNN's 19.7-21.1; for 512 rows 349 against 304-363 GFLOP/s."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: LinearKernel) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = pack_linear_weight(weight.detach())
+        self.bias = None
+        if bias is not None:
+            self.bias = torch.zeros(self.packed.shape[0] * 16, dtype=torch.float32)
+            self.bias[: self.out_features] = bias.detach().float()
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features).contiguous()
+        return self.kernel(rows, self.packed, self.bias, self.out_features).view(*lead, self.out_features)
+
+
+def native_linears(model: nn.Module, kernel: LinearKernel) -> int:
+    """Replace every ``nn.Linear`` of ``model`` (bfloat16) by a ``NativeLinear``; returns how many."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, NativeLinear(child.weight, child.bias, kernel))
+                count += 1
+    return count
 
 
 def packing_works(dtype: torch.dtype) -> bool:

@@ -1,0 +1,113 @@
+/* Linear layers in bfloat16 on CPU: y = x W^T (+ b), for any number of rows.
+ *
+ * Weights are packed once (see native/__init__.py, pack_linear_weight): (ceil(N/16), K/2, 16, 2)
+ * bf16, the 16 outputs of a block side by side for each pair of inputs, so that one 64-byte
+ * load feeds 16 outputs of a row through one vdpbf16ps; the last block is padded with zeros.
+ *
+ * Arithmetic: each output has one float32 accumulator that takes the K/2 input pairs in
+ * order (vdpbf16ps: two exact bf16 products added in turn, nearest even), then the float32
+ * bias, then one rounding to bf16 (nearest even). Nothing depends on the number of rows, the
+ * tile or the thread: a row gives the same bits alone as in any batch, at 1 row as at 2000.
+ *
+ * Tiles of rows x 16-output blocks keep their accumulators in registers: 4x4 for up to 4 rows,
+ * 8x2 for up to 8 (a decode step: the weights stream once, each load used by every row),
+ * 12x2 for more (a prompt: blocks of 8 x 16 outputs whose weights stay in L2 while all rows
+ * pass). Threads split output blocks (few rows) or (block group, row tile) pairs (many rows).
+ */
+#include <stdint.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+
+#define TILE(MR, NB)                                                                                   \
+    static void tile_##MR##x##NB(const uint16_t *x, int64_t K, const uint16_t *w, int64_t wstride,     \
+                                 const float *bias, uint16_t *y, int64_t N, int64_t n0, int64_t rows) { \
+        __m512 acc[MR][NB];                                                                            \
+        for (int m = 0; m < MR; m++)                                                                   \
+            for (int b = 0; b < NB; b++) acc[m][b] = _mm512_setzero_ps();                              \
+        for (int64_t p = 0; p < K / 2; p++) {                                                          \
+            __m512bh wv[NB];                                                                           \
+            for (int b = 0; b < NB; b++) wv[b] = (__m512bh)_mm512_loadu_si512(w + b * wstride + p * 32); \
+            for (int m = 0; m < MR; m++) {                                                             \
+                if (m >= rows) break;                                                                  \
+                __m512bh xv = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + m * K + 2 * p));      \
+                for (int b = 0; b < NB; b++) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], xv, wv[b]);       \
+            }                                                                                          \
+        }                                                                                              \
+        for (int b = 0; b < NB; b++) {                                                                 \
+            int64_t n = n0 + 16 * b;                                                                   \
+            __m512 bv = bias ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();                        \
+            __mmask16 mask = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);      \
+            for (int m = 0; m < MR && m < rows; m++) {                                                 \
+                __m256i out = (__m256i)_mm512_cvtneps_pbh(bias ? _mm512_add_ps(acc[m][b], bv) : acc[m][b]); \
+                _mm256_mask_storeu_epi16(y + m * N + n, mask, out);                                    \
+            }                                                                                          \
+        }                                                                                              \
+    }
+
+TILE(4, 4)
+TILE(4, 1)
+TILE(8, 2)
+TILE(8, 1)
+TILE(12, 2)
+TILE(12, 1)
+
+/* rows m0.. (at most MR) against output blocks b0..b0+nb-1, in tiles of NB blocks then one */
+#define SPAN(MR, NB)                                                                                   \
+    static void span_##MR(const uint16_t *x, int64_t K, const uint16_t *w, const float *bias,          \
+                          uint16_t *y, int64_t N, int64_t b0, int64_t nb, int64_t rows) {              \
+        const int64_t wstride = K * 16;                                                                \
+        int64_t b = b0;                                                                                \
+        for (; b + NB <= b0 + nb; b += NB) tile_##MR##x##NB(x, K, w + b * wstride, wstride, bias, y, N, 16 * b, rows); \
+        for (; b < b0 + nb; b++) tile_##MR##x1(x, K, w + b * wstride, wstride, bias, y, N, 16 * b, rows); \
+    }
+
+SPAN(4, 4)
+SPAN(8, 2)
+SPAN(12, 2)
+
+int linear_bf16_available(void) {
+#ifdef __AMX_BF16__
+    return 2; /* works, but oneDNN's AMX kernels are faster for prompts */
+#else
+    return 1;
+#endif
+}
+
+int linear_bf16(const uint16_t *x, const uint16_t *w, const float *bias, uint16_t *y, int64_t M, int64_t N,
+                int64_t K, int nthreads) {
+    if (K % 2 || M < 0 || N <= 0) return 1;
+    const int64_t nblocks = (N + 15) / 16;
+    if (M <= 8) {
+        const int64_t NB = M <= 4 ? 4 : 2, groups = (nblocks + NB - 1) / NB;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t b0 = g * NB, nb = nblocks - b0 < NB ? nblocks - b0 : NB;
+            if (M <= 4) span_4(x, K, w, bias, y, N, b0, nb, M);
+            else span_8(x, K, w, bias, y, N, b0, nb, M);
+        }
+        return 0;
+    }
+    const int64_t CH = 8, MR = 12;
+    const int64_t chunks = (nblocks + CH - 1) / CH, tiles = (M + MR - 1) / MR;
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    for (int64_t c = 0; c < chunks; c++)
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t b0 = c * CH, nb = nblocks - b0 < CH ? nblocks - b0 : CH;
+            int64_t m0 = t * MR, rows = M - m0 < MR ? M - m0 : MR;
+            span_12(x + m0 * K, K, w, bias, y + m0 * N, N, b0, nb, rows);
+        }
+    return 0;
+}
+
+#else /* no AVX512-BF16: the engine keeps oneDNN's or torch's products */
+
+int linear_bf16_available(void) { return 0; }
+
+int linear_bf16(const uint16_t *x, const uint16_t *w, const float *bias, uint16_t *y, int64_t M, int64_t N,
+                int64_t K, int nthreads) {
+    (void)x, (void)w, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)nthreads;
+    return 2;
+}
+
+#endif

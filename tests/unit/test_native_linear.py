@@ -1,0 +1,96 @@
+"""The native linear kernel (bfloat16, CPU): its arithmetic, batch invariance and its rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvbridge.config import ConfigError, EngineConfig
+from kvbridge.engine import native
+from kvbridge.engine.engine import resolve_linear
+from kvbridge.engine.models.packed import NativeLinear
+
+KERNEL = native.load().linear
+
+
+def layer(n: int, k: int, bias: bool, seed: int = 0) -> tuple[NativeLinear, torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    return NativeLinear(w, b, KERNEL), w, b
+
+
+def refused_here(lin: NativeLinear, x: torch.Tensor) -> bool:
+    """A CPU without AVX512-BF16 (the engine never uses the kernel there): it must refuse."""
+    if KERNEL.available:
+        return False
+    with pytest.raises(ValueError, match="cannot run"):
+        lin(x)
+    return True
+
+
+@pytest.mark.parametrize(("n", "k", "bias"), [(1152, 576, False), (40, 96, True), (576, 1536, False)])
+def test_float32_sums_rounded_once(n, k, bias):
+    """float32 accumulation of exact bf16 products, one rounding: within one bfloat16 step
+    (plus the float32 sum's own error) of the float64 value, and nearly always equal to
+    torch's float32 product rounded."""
+    lin, w, b = layer(n, k, bias)
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(1)).bfloat16()
+    if refused_here(lin, x):
+        return
+    y = lin(x)
+    ref = x.double() @ w.double().T + (b.double() if b is not None else 0)
+    bound = ref.abs() * 2**-8 + (x.double().abs() @ w.double().abs().T) * k * 2**-24
+    assert ((y.double() - ref).abs() <= bound).all()
+    f32 = (x.float() @ w.float().T + (b.float() if b is not None else 0)).bfloat16()
+    assert (y == f32).float().mean() > 0.999
+
+
+@pytest.mark.parametrize(("n", "k", "bias"), [(1152, 576, False), (40, 96, True), (200, 64, True)])
+def test_a_row_gives_the_same_bits_in_any_batch(n, k, bias):
+    """Every tile (4x4 up to 4 rows, 8x2 up to 8, 12x2 beyond) and the masked last block of
+    outputs (40, 200: not multiples of 16) sum each output in the same order."""
+    lin, _, _ = layer(n, k, bias)
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(2)).bfloat16()
+    if refused_here(lin, x):
+        return
+    whole = lin(x)
+    for m in (1, 2, 3, 4, 5, 8, 9, 12, 13, 25):
+        assert torch.equal(lin(x[:m]), whole[:m]), m
+    for i in range(40):
+        assert torch.equal(lin(x[i : i + 1])[0], whole[i]), i
+
+
+def test_an_odd_number_of_inputs_is_refused_at_packing():
+    with pytest.raises(ValueError, match="even number of inputs"):
+        native.pack_linear_weight(torch.zeros(16, 7, dtype=torch.bfloat16))
+
+
+def test_backend_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_linear("torch", "bfloat16", cpu, [576]) is None
+    assert resolve_linear("auto", "float32", cpu, [576]) is None  # float32 keeps MKL's products
+    with pytest.raises(ConfigError, match="bfloat16 on CPU"):
+        resolve_linear("native", "float32", cpu, [576])
+    with pytest.raises(ConfigError, match="even number of inputs"):
+        resolve_linear("native", "bfloat16", cpu, [576, 7])
+
+    real = native.load()
+
+    def kernels(available: int) -> native.Kernels:
+        return native.Kernels(real.paged_decode, native.LinearKernel(real.linear.fn, available))
+
+    monkeypatch.setattr(native, "load", lambda: kernels(1))
+    assert resolve_linear("auto", "bfloat16", cpu, [576]) is not None
+    monkeypatch.setattr(native, "load", lambda: kernels(2))  # AMX: oneDNN's kernels, unless asked
+    assert resolve_linear("auto", "bfloat16", cpu, [576]) is None
+    assert resolve_linear("native", "bfloat16", cpu, [576]) is not None
+    monkeypatch.setattr(native, "load", lambda: kernels(0))
+    assert resolve_linear("auto", "bfloat16", cpu, [576]) is None
+    with pytest.raises(ConfigError, match="AVX512-BF16"):
+        resolve_linear("native", "bfloat16", cpu, [576])
+
+
+def test_an_unknown_backend_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="linear_backend must be one of auto, native, torch"):
+        EngineConfig(linear_backend="mkl")
