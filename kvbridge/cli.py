@@ -42,7 +42,7 @@ ENGINE_FLAGS = {
     "kv_cache_memory_mb": ("engine", "kv_cache_memory_mb"),
     "num_threads": ("engine", "num_threads"),
     "attention_backend": ("engine", "attention_backend"),
-    "linear_backend": ("engine", "linear_backend"),
+    "layer_backend": ("engine", "layer_backend"),
 }
 CLUSTER_FLAGS = {
     "etcd": ("cluster", "etcd"),
@@ -132,7 +132,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         help="decode attention: native C kernel (bfloat16, CPU; built once with the machine's cc), torch, or auto (default)",
     )  # fmt: skip
     g.add_argument(
-        "--linear-backend", choices=("auto", "native", "torch"),
+        "--layer-backend", choices=("auto", "native", "torch"),
         help="linear layers: native C kernel (bfloat16, CPUs with AVX512-BF16), torch (oneDNN), or auto (default: native where the CPU has AVX512-BF16 but no AMX)",
     )  # fmt: skip
 

@@ -149,7 +149,7 @@ def log_format_env() -> str:
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "native", "torch")
-LINEAR_BACKENDS = ("auto", "native", "torch")
+LAYER_BACKENDS = ("auto", "native", "torch")
 
 
 @dataclass
@@ -170,13 +170,13 @@ class EngineConfig:
     num_threads: int = 0  # torch threads; 0: KVBRIDGE_NUM_THREADS or all cores
     seed: int = 0
     attention_backend: str = "auto"  # auto: native where it builds (bfloat16 on CPU), else torch | native | torch
-    linear_backend: str = "auto"  # auto: native for bfloat16 on CPUs with AVX512-BF16 but no AMX, else torch | native | torch
+    layer_backend: str = "auto"  # auto: native for bfloat16 on CPUs with AVX512-BF16 but no AMX, else torch | native | torch
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"engine.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, not {self.attention_backend!r}")
-        if self.linear_backend not in LINEAR_BACKENDS:
-            raise ConfigError(f"engine.linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, not {self.linear_backend!r}")
+        if self.layer_backend not in LAYER_BACKENDS:
+            raise ConfigError(f"engine.layer_backend must be one of {', '.join(LAYER_BACKENDS)}, not {self.layer_backend!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"engine.dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):

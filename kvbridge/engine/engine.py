@@ -125,7 +125,7 @@ def resolve_linear(name: str, dtype_name: str, device: torch.device, in_features
             else:
                 return None  # auto on an AMX CPU
     if name == "native":
-        raise ConfigError(f"engine.linear_backend native {why}")
+        raise ConfigError(f"engine.layer_backend native {why}")
     log.debug("native linear layers not used: %s", why)
     return None
 
@@ -160,8 +160,10 @@ class LLMEngine:
             model.lm_head.weight = model.embed_tokens.weight
         model.rope = Rotary(spec.head_dim, spec.rope_theta, self.max_model_len, device)
         # after tying: the head is packed apart
-        kernel = resolve_linear(config.linear_backend, self.dtype_name, device, [m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)])
+        kernel = resolve_linear(config.layer_backend, self.dtype_name, device, [m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)])
         self.native_linears = native_linears(model, kernel) if kernel is not None else 0
+        if kernel is not None:
+            model.use_native_ops(native.load().elementwise)
         self.packed_linears = 0 if kernel is not None else pack_linears(model, dtype, device)
         self.linear_kind = "native" if self.native_linears else "onednn-packed" if self.packed_linears else "torch"
         pad_small_batches(model, dtype, device)  # float32: a row's bits must not depend on its batch

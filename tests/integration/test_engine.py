@@ -90,7 +90,7 @@ def test_bfloat16_packed_linear_layers_change_no_token(prompts, monkeypatch):
     import kvbridge.engine.engine as engine_module
     from kvbridge.engine.models.packed import packing_works
 
-    cfg = EngineConfig(dtype="bfloat16", kv_cache_memory_mb=128, max_num_batched_tokens=512, linear_backend="torch")
+    cfg = EngineConfig(dtype="bfloat16", kv_cache_memory_mb=128, max_num_batched_tokens=512, layer_backend="torch")
     packed = LLMEngine(cfg)
     expected = 4 * packed.spec.num_layers + 1 if packing_works(torch.bfloat16) else 0  # q|k|v, o, gate|up, down; head
     assert packed.packed_linears == expected

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -78,7 +80,7 @@ def test_backend_resolution(monkeypatch):
     real = native.load()
 
     def kernels(available: int) -> native.Kernels:
-        return native.Kernels(real.paged_decode, native.LinearKernel(real.linear.fn, available))
+        return dataclasses.replace(real, linear=native.LinearKernel(real.linear.fn, available))
 
     monkeypatch.setattr(native, "load", lambda: kernels(1))
     assert resolve_linear("auto", "bfloat16", cpu, [576]) is not None
@@ -92,5 +94,5 @@ def test_backend_resolution(monkeypatch):
 
 
 def test_an_unknown_backend_name_is_a_config_error():
-    with pytest.raises(ConfigError, match="linear_backend must be one of auto, native, torch"):
-        EngineConfig(linear_backend="mkl")
+    with pytest.raises(ConfigError, match="layer_backend must be one of auto, native, torch"):
+        EngineConfig(layer_backend="mkl")

@@ -4,7 +4,9 @@
     out = h + MLP(RMSNorm(h))           MLP(x) = W_down (silu(W_gate x) * (W_up x))
 
 Tokens of all requests in a step are flattened into one batch of T tokens; only attention
-needs to know which token belongs to which request (``AttentionBatch``).
+needs to know which token belongs to which request (``AttentionBatch``). With ``ops`` set
+(``LlamaModel.use_native_ops``: bfloat16 on CPU), RMSNorm with its residual add, RoPE and
+SiLU(gate)·up run as one native call each (engine/native/elementwise.c), same roundings.
 Notation: T tokens, D hidden, nh query heads, nkv KV heads, hd head dim.
 """
 
@@ -19,15 +21,20 @@ from torch import nn
 from kvbridge.engine.attention import AttentionBatch, paged_attention, write_kv
 from kvbridge.engine.models.packed import Linear
 from kvbridge.engine.models.spec import ModelSpec
+from kvbridge.engine.native import ElementwiseOps
 
 
 class RMSNorm(nn.Module):
+    ops: ElementwiseOps | None = None
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.ops.rmsnorm(x, self.weight, self.eps)
         # transformers' sequence and roundings, in every dtype: torch's fused F.rms_norm rounds
         # once, after the weight, and that flipped greedy answers of this small model in bfloat16
         dtype = x.dtype
@@ -63,6 +70,8 @@ class Rotary:
 
 
 class Attention(nn.Module):
+    ops: ElementwiseOps | None = None
+
     def __init__(self, spec: ModelSpec, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -76,16 +85,21 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_layer: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)
-        q_k, v = qkv.split((self.split[0] + self.split[1], self.split[2]), dim=-1)
-        # q and k are neighbours in the fused projection: one rotation for both
-        q, k = Rotary.apply(q_k.view(T, self.nh + self.nkv, self.hd), rope).split((self.nh, self.nkv), dim=1)
-        v = v.view(T, self.nkv, self.hd)
+        if self.ops is not None:  # q and k are neighbours in the fused projection: one rotation for both
+            self.ops.rope_(qkv, self.nh + self.nkv, self.hd, *rope)
+            q, k, v = (part.view(T, -1, self.hd) for part in qkv.split(self.split, dim=-1))
+        else:
+            q_k, v = qkv.split((self.split[0] + self.split[1], self.split[2]), dim=-1)
+            q, k = Rotary.apply(q_k.view(T, self.nh + self.nkv, self.hd), rope).split((self.nh, self.nkv), dim=1)
+            v = v.view(T, self.nkv, self.hd)
         write_kv(kv_layer, k, v, batch)
         out = paged_attention(q, k, v, kv_layer, batch, self.scale)  # (T, nh, hd)
         return self.o_proj(out.reshape(T, self.nh * self.hd))
 
 
 class MLP(nn.Module):
+    ops: ElementwiseOps | None = None
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.inter = spec.intermediate_size
@@ -93,11 +107,15 @@ class MLP(nn.Module):
         self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
+    ops: ElementwiseOps | None = None
+
     def __init__(self, spec: ModelSpec, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
@@ -106,7 +124,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(spec)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_layer: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), rope, kv_layer, batch)
+        a = self.self_attn(self.input_layernorm(x), rope, kv_layer, batch)
+        if self.ops is not None:
+            norm = self.post_attention_layernorm
+            h, m = self.ops.add_rmsnorm(x, a, norm.weight, norm.eps)
+            return h + self.mlp(m)
+        h = x + a
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -135,6 +158,12 @@ class LlamaModel(nn.Module):
                 between_layers()
         x = self.norm(x[batch.logits_indices])  # (N, D)
         return self.lm_head(x).float()
+
+    def use_native_ops(self, ops: ElementwiseOps) -> None:
+        """Run the element-wise parts of every layer natively (bfloat16 on CPU)."""
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, Attention, MLP, DecoderLayer)):
+                m.ops = ops
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Take HF-named tensors (see weights.py); fuse q|k|v and gate|up."""

@@ -7,6 +7,8 @@
 - ``linear.c``: the model's linear layers (AVX512-BF16), weights packed once for it. A decode
   step's products stream every weight from memory once for all its rows; oneDNN's took
   ~1.5x as long for the same weights (see ``NativeLinear``).
+- ``elementwise.c``: RMSNorm (with the residual add before it), SiLU(gate)·up and RoPE, one
+  call each instead of 5-10 small torch ops.
 
 The shared library (all ``*.c`` of this folder) is built with ``-O3 -march=native -fopenmp`` into a cache folder
 (``$KVBRIDGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/kvbridge``, else ``~/.cache/kvbridge``),
@@ -35,6 +37,7 @@ import torch
 log = logging.getLogger("kvbridge.engine.native")
 
 SOURCES = sorted(Path(__file__).parent.glob("*.c"))
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 
 
@@ -63,7 +66,7 @@ def build() -> Path:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeUnavailable(f"{cc} does not run: {e}") from None
-    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), *FLAGS, version]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES + HEADERS), *FLAGS, version]).encode()).hexdigest()[:16]
     name = f"kernels-{key}.so"
     # the cache folder, else one in the temporary folder (a read-only home, say)
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"kvbridge-{os.getuid()}"):
@@ -155,9 +158,49 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class ElementwiseOps:
+    """``elementwise.c``'s functions, called with torch tensors (bfloat16, CPU)."""
+
+    lib: ctypes.CDLL
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """transformers' RMSNorm of each row of x (…, D)."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        D = x.shape[-1]
+        self.lib.rmsnorm_bf16(x.data_ptr(), None, None, weight.data_ptr(), out.data_ptr(), x.numel() // D, D, eps, torch.get_num_threads())
+        return out
+
+    def add_rmsnorm(self, x: torch.Tensor, add: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, RMSNorm(h)) with h = x + add, as two bf16 ops would give them."""
+        x, add = x.contiguous(), add.contiguous()
+        h, out = torch.empty_like(x), torch.empty_like(x)
+        D = x.shape[-1]
+        self.lib.rmsnorm_bf16(x.data_ptr(), add.data_ptr(), h.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // D, D, eps, torch.get_num_threads())
+        return h, out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of (T, 2I) gate|up → (T, I)."""
+        gate_up = gate_up.contiguous()
+        T, I2 = gate_up.shape
+        out = torch.empty(T, I2 // 2, dtype=gate_up.dtype)
+        self.lib.silu_mul_bf16(gate_up.data_ptr(), out.data_ptr(), T, I2 // 2, torch.get_num_threads())
+        return out
+
+    def rope_(self, x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+        """Rotate, in place, the first ``heads`` heads of each row of x (T, ≥ heads*head_dim),
+        rows contiguous inside; cos and signed_sin (T, head_dim) bf16 (``Rotary.tables``)."""
+        if x.stride(-1) != 1 or head_dim > 512 or head_dim % 2:
+            raise ValueError(f"rope_bf16: unsupported layout (head dim {head_dim}, strides {x.stride()})")
+        T = x.shape[0]
+        self.lib.rope_bf16(x.data_ptr(), x.stride(0), cos.data_ptr(), signed_sin.data_ptr(), T, heads, head_dim, torch.get_num_threads())
+
+
+@dataclass(frozen=True)
 class Kernels:
     paged_decode: PagedDecode
     linear: LinearKernel
+    elementwise: ElementwiseOps
 
 
 @cache
@@ -174,4 +217,9 @@ def load() -> Kernels:
     linear = lib.linear_bf16
     linear.restype = ctypes.c_int
     linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    return Kernels(PagedDecode(fn), LinearKernel(linear, lib.linear_bf16_available()))
+    c_ptr, c_i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.rmsnorm_bf16.restype = lib.silu_mul_bf16.restype = lib.rope_bf16.restype = None
+    lib.rmsnorm_bf16.argtypes = [c_ptr] * 5 + [c_i64, c_i64, ctypes.c_float, c_int]
+    lib.silu_mul_bf16.argtypes = [c_ptr, c_ptr, c_i64, c_i64, c_int]
+    lib.rope_bf16.argtypes = [c_ptr, c_i64, c_ptr, c_ptr, c_i64, c_i64, c_i64, c_int]
+    return Kernels(PagedDecode(fn), LinearKernel(linear, lib.linear_bf16_available()), ElementwiseOps(lib))

@@ -1,0 +1,73 @@
+"""The native element-wise ops (bfloat16, CPU) against torch's, and row by row."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvbridge.engine import native
+from kvbridge.engine.models.llama import RMSNorm, Rotary
+
+OPS = native.load().elementwise
+GEN = torch.Generator().manual_seed(0)
+
+
+def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=GEN) * scale).bfloat16()
+
+
+def norm_layer(d: int) -> RMSNorm:
+    norm = RMSNorm(d, 1e-5)
+    norm.weight.data = rand(d)
+    return norm
+
+
+def test_rmsnorm_matches_transformers_sequence():
+    """torch's ops in transformers' order (RMSNorm.forward without ops): equal but for a sum
+    of squares in another order (a bfloat16 step at most, and rarely)."""
+    norm = norm_layer(576)
+    x = rand(300, 576, scale=3)
+    with torch.inference_mode():
+        ref, out = norm(x), OPS.rmsnorm(x, norm.weight, norm.eps)
+    assert (out == ref).float().mean() > 0.999
+    assert ((out.float() - ref.float()).abs() <= ref.float().abs() * 2**-7).all()
+
+
+def test_add_rmsnorm_gives_the_sum_and_its_norm():
+    norm = norm_layer(96)
+    x, a = rand(40, 96), rand(40, 96, scale=10)
+    with torch.inference_mode():
+        h, out = OPS.add_rmsnorm(x, a, norm.weight, norm.eps)
+        assert torch.equal(h, x + a)
+        assert torch.equal(out, OPS.rmsnorm(x + a, norm.weight, norm.eps))
+
+
+def test_silu_mul_matches_torch():
+    gu = rand(50, 2 * 200, scale=4)
+    gu[0, :8] = torch.tensor([0.0, -0.0, 90.0, -90.0, 1e-30, -1e-30, 3e38, -3e38])  # exp's ends
+    assert torch.equal(OPS.silu_mul(gu), F.silu(gu[:, :200]) * gu[:, 200:])
+
+
+def test_rope_matches_torch_and_leaves_v_alone():
+    T, nh, nkv, hd = 37, 9, 3, 64
+    rot = Rotary(hd, 10000.0, 512, torch.device("cpu"))
+    positions = torch.randint(0, 512, (T,), generator=GEN)
+    tables = rot.tables(positions, torch.bfloat16)
+    qkv = rand(T, (nh + 2 * nkv) * hd)
+    ref = Rotary.apply(qkv[:, : (nh + nkv) * hd].view(T, nh + nkv, hd), tables)
+    out = qkv.clone()
+    OPS.rope_(out, nh + nkv, hd, *tables)
+    assert torch.equal(out[:, : (nh + nkv) * hd].view(T, nh + nkv, hd), ref)
+    assert torch.equal(out[:, (nh + nkv) * hd :], qkv[:, (nh + nkv) * hd :])
+
+
+def test_each_row_gives_the_same_bits_alone():
+    """Many rows run on several threads, few on one: the same bits."""
+    norm = norm_layer(576)
+    x, a, gu = rand(200, 576), rand(200, 576), rand(200, 3072)
+    whole_n, whole_h = OPS.rmsnorm(x, norm.weight, norm.eps), OPS.add_rmsnorm(x, a, norm.weight, norm.eps)[1]
+    whole_s = OPS.silu_mul(gu)
+    for i in (0, 77, 199):
+        assert torch.equal(OPS.rmsnorm(x[i : i + 1], norm.weight, norm.eps)[0], whole_n[i])
+        assert torch.equal(OPS.add_rmsnorm(x[i : i + 1], a[i : i + 1], norm.weight, norm.eps)[1][0], whole_h[i])
+        assert torch.equal(OPS.silu_mul(gu[i : i + 1])[0], whole_s[i])
