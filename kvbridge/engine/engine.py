@@ -160,12 +160,16 @@ class LLMEngine:
             model.lm_head.weight = model.embed_tokens.weight
         model.rope = Rotary(spec.head_dim, spec.rope_theta, self.max_model_len, device)
         # after tying: the head is packed apart
-        kernel = resolve_linear(config.layer_backend, self.dtype_name, device, [m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)])
-        self.native_linears = native_linears(model, kernel) if kernel is not None else 0
+        inputs = [m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        kernel = resolve_linear(config.layer_backend, self.dtype_name, device, inputs)
+        self.packed_linears = 0  # oneDNN-packed
         if kernel is not None:
+            native_linears(model, kernel)
             model.use_native_ops(native.load().elementwise)
-        self.packed_linears = 0 if kernel is not None else pack_linears(model, dtype, device)
-        self.linear_kind = "native" if self.native_linears else "onednn-packed" if self.packed_linears else "torch"
+            self.linear_kind = "native"
+        else:
+            self.packed_linears = pack_linears(model, dtype, device)
+            self.linear_kind = "onednn-packed" if self.packed_linears else "torch"
         pad_small_batches(model, dtype, device)  # float32: a row's bits must not depend on its batch
         self.model = model.eval()
         del weights

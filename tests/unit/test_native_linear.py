@@ -63,6 +63,14 @@ def test_a_row_gives_the_same_bits_in_any_batch(n, k, bias):
         assert torch.equal(lin(x[i : i + 1])[0], whole[i]), i
 
 
+def test_rows_of_another_dtype_or_width_are_refused():
+    lin, _, _ = layer(32, 16, False)
+    with pytest.raises(ValueError, match="bfloat16 rows"):
+        lin(torch.randn(3, 16))
+    with pytest.raises(ValueError, match="packed for 16"):
+        lin.kernel(torch.randn(3, 18).bfloat16(), lin.packed, None, 32)
+
+
 def test_an_odd_number_of_inputs_is_refused_at_packing():
     with pytest.raises(ValueError, match="even number of inputs"):
         native.pack_linear_weight(torch.zeros(16, 7, dtype=torch.bfloat16))

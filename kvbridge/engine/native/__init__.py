@@ -134,7 +134,11 @@ class LinearKernel:
     def __call__(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
         """x (M, K) bf16, contiguous; packed from ``pack_linear_weight``; bias float32 padded
         to a multiple of 16, or None → (M, out_features) bf16."""
+        if x.dtype != torch.bfloat16 or not x.is_contiguous():
+            raise ValueError(f"linear_bf16 takes contiguous bfloat16 rows, not {x.dtype} with strides {x.stride()}")
         M, K = x.shape
+        if packed.shape[1] * 2 != K:
+            raise ValueError(f"linear_bf16: {K} inputs for a weight packed for {packed.shape[1] * 2}")
         out = torch.empty(M, out_features, dtype=torch.bfloat16)
         rc = self.fn(
             x.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
