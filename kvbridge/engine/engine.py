@@ -125,7 +125,7 @@ def resolve_linear(name: str, dtype_name: str, device: torch.device, in_features
             else:
                 return None  # auto on an AMX CPU
     if name == "native":
-        raise ConfigError(f"engine.layer_backend native {why}")
+        raise ConfigError(f"engine.layer_backend native: {why}")
     log.debug("native linear layers not used: %s", why)
     return None
 

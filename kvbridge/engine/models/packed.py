@@ -18,6 +18,7 @@ which transformers' also are), and so do CUDA and float16 without AVX-512 FP16.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -111,15 +112,20 @@ class NativeLinear(nn.Module):
         return self.kernel(rows, self.packed, self.bias, self.out_features).view(*lead, self.out_features)
 
 
-def native_linears(model: nn.Module, kernel: LinearKernel) -> int:
-    """Replace every ``nn.Linear`` of ``model`` (bfloat16) by a ``NativeLinear``; returns how many."""
+def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Put ``make(layer)`` in place of every ``nn.Linear`` of ``model``; returns how many."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, NativeLinear(child.weight, child.bias, kernel))
+                setattr(parent, name, make(child))
                 count += 1
     return count
+
+
+def native_linears(model: nn.Module, kernel: LinearKernel) -> int:
+    """Replace every ``nn.Linear`` of ``model`` (bfloat16) by a ``NativeLinear``; returns how many."""
+    return replace_linears(model, lambda m: NativeLinear(m.weight, m.bias, kernel))
 
 
 def packing_works(dtype: torch.dtype) -> bool:
@@ -146,13 +152,7 @@ def pack_linears(model: nn.Module, dtype: torch.dtype, device: torch.device) -> 
     and available (CPU); returns how many were replaced."""
     if device.type != "cpu" or not packing_works(dtype):
         return 0
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child.weight, child.bias))
-                count += 1
-    return count
+    return replace_linears(model, lambda m: PackedLinear(m.weight, m.bias))
 
 
 def pad_small_batches(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:

@@ -98,6 +98,10 @@ def build() -> Path:
     return lib
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 @dataclass(frozen=True)
 class PagedDecode:
     """``paged_decode_bf16`` of the built library, called with torch tensors."""
@@ -141,7 +145,7 @@ class LinearKernel:
             raise ValueError(f"linear_bf16: {K} inputs for a weight packed for {packed.shape[1] * 2}")
         out = torch.empty(M, out_features, dtype=torch.bfloat16)
         rc = self.fn(
-            x.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+            x.data_ptr(), packed.data_ptr(), _ptr(bias), out.data_ptr(),
             M, out_features, K, torch.get_num_threads(),
         )  # fmt: skip
         if rc != 0:
@@ -169,19 +173,19 @@ class ElementwiseOps:
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """transformers' RMSNorm of each row of x (…, D)."""
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        D = x.shape[-1]
-        self.lib.rmsnorm_bf16(x.data_ptr(), None, None, weight.data_ptr(), out.data_ptr(), x.numel() // D, D, eps, torch.get_num_threads())
-        return out
+        return self._rmsnorm(x.contiguous(), None, None, weight, eps)
 
     def add_rmsnorm(self, x: torch.Tensor, add: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, RMSNorm(h)) with h = x + add, as two bf16 ops would give them."""
-        x, add = x.contiguous(), add.contiguous()
-        h, out = torch.empty_like(x), torch.empty_like(x)
+        x = x.contiguous()
+        h = torch.empty_like(x)
+        return h, self._rmsnorm(x, add.contiguous(), h, weight, eps)
+
+    def _rmsnorm(self, x: torch.Tensor, add: torch.Tensor | None, h: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        out = torch.empty_like(x)
         D = x.shape[-1]
-        self.lib.rmsnorm_bf16(x.data_ptr(), add.data_ptr(), h.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // D, D, eps, torch.get_num_threads())
-        return h, out
+        self.lib.rmsnorm_bf16(x.data_ptr(), _ptr(add), _ptr(h), weight.data_ptr(), out.data_ptr(), x.numel() // D, D, eps, torch.get_num_threads())
+        return out
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of (T, 2I) gate|up → (T, I)."""
@@ -215,15 +219,15 @@ def load() -> Kernels:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise NativeUnavailable(f"cannot load {path}: {e}") from None
-    fn = lib.paged_decode_bf16
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_int]
-    linear = lib.linear_bf16
-    linear.restype = ctypes.c_int
-    linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     c_ptr, c_i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.rmsnorm_bf16.restype = lib.silu_mul_bf16.restype = lib.rope_bf16.restype = None
-    lib.rmsnorm_bf16.argtypes = [c_ptr] * 5 + [c_i64, c_i64, ctypes.c_float, c_int]
-    lib.silu_mul_bf16.argtypes = [c_ptr, c_ptr, c_i64, c_i64, c_int]
-    lib.rope_bf16.argtypes = [c_ptr, c_i64, c_ptr, c_ptr, c_i64, c_i64, c_i64, c_int]
-    return Kernels(PagedDecode(fn), LinearKernel(linear, lib.linear_bf16_available()), ElementwiseOps(lib))
+    signatures = {  # name: (return type, argument types), as the C files declare them
+        "paged_decode_bf16": (c_int, [c_ptr] * 6 + [c_i64] * 7 + [c_int]),
+        "linear_bf16": (c_int, [c_ptr] * 4 + [c_i64] * 3 + [c_int]),
+        "rmsnorm_bf16": (None, [c_ptr] * 5 + [c_i64, c_i64, ctypes.c_float, c_int]),
+        "silu_mul_bf16": (None, [c_ptr, c_ptr, c_i64, c_i64, c_int]),
+        "rope_bf16": (None, [c_ptr, c_i64, c_ptr, c_ptr, c_i64, c_i64, c_i64, c_int]),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return Kernels(PagedDecode(lib.paged_decode_bf16), LinearKernel(lib.linear_bf16, lib.linear_bf16_available()), ElementwiseOps(lib))
