@@ -3,7 +3,9 @@
 One layer's KV: ``kv_layer`` (num_blocks, 2, nkv, bs, hd). Token t of a request lives in
 block ``block_ids[t // bs]`` at offset ``t % bs``.
 
-Requests in a step fall in two groups:
+With the native kernel (bfloat16 on CPU, ``AttentionBatch.native``), every row of a step, decode
+or prompt token, is one query against the first (position + 1) tokens of its request, read
+in place; one call per layer. torch's path splits the requests in two groups:
   - decode: exactly one new token; batched together over a padded block table, their K/V
     gathered a whole block (bs*hd values) at a time.
   - prefill: a chunk of new tokens; one attention call each. A chunk with no earlier
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvbridge.engine.native import PagedDecode
+from kvbridge.engine.native import PagedAttention
 
 
 @dataclass
@@ -39,11 +41,13 @@ class AttentionBatch:
     decode_kv_blocks: torch.Tensor | None  # (2, B, nkv, M) their K/V blocks (``cache_blocks``), padded
     decode_mask: torch.Tensor | None  # (B, 1, M*bs) True where a key is valid
     prefills: list[PrefillSeq] = field(default_factory=list)
-    # the native kernel's inputs instead of the two above (``native``: see engine/native)
-    native: PagedDecode | None = None
-    decode_tables: torch.Tensor | None = None  # (B, M) block ids, padded
-    decode_lens: torch.Tensor | None = None  # (B,) tokens with KV, the new one included
-    decode_max_len: int = 0
+    # the native kernel's inputs, for every row of the step, instead of the torch path's
+    # decode_kv_blocks, decode_mask and prefills (``native``: see engine/native)
+    native: PagedAttention | None = None
+    tables: torch.Tensor | None = None  # (R, M) block ids of the step's requests, padded
+    lens: torch.Tensor | None = None  # (T,) tokens each row attends to: its position + 1
+    max_len: int = 0
+    row_table: torch.Tensor | None = None  # (T,) each row's request in ``tables`` (None: row i is request i)
     # derived once per step, so that the 30-odd layers do not each redo them
     decode_only: bool = field(init=False)  # every row is a decode, in order: no gather/scatter of q
     decode_hidden: torch.Tensor | None = field(init=False)  # ~decode_mask
@@ -149,6 +153,8 @@ def paged_attention(
     nkv = k.shape[1]
     g = nh // nkv
     q = q * scale  # once for every request and query chunk of the step
+    if batch.native is not None:
+        return batch.native(q, kv_layer, batch.tables, batch.lens, batch.max_len, batch.row_table)
     if batch.decode_only:
         return _grouped_decode(q, kv_layer, batch, nkv, g).view(T, nh, hd)
     out = torch.empty_like(q)
@@ -175,8 +181,6 @@ def paged_attention(
 
 def _grouped_decode(qd: torch.Tensor, kv_layer: torch.Tensor, batch: AttentionBatch, nkv: int, g: int) -> torch.Tensor:
     """The decode rows' queries qd (B, nh, hd), scaled, against their cache rows: (B, nkv, g, 1, hd)."""
-    if batch.native is not None:
-        return batch.native(qd, kv_layer, batch.decode_tables, batch.decode_lens, batch.decode_max_len)
     kd, vd = read_blocks(kv_layer, batch.decode_kv_blocks)  # (B, nkv, L, hd)
     return grouped_attention(qd.view(-1, nkv, g, 1, qd.shape[-1]), kd, vd, batch.decode_hidden[:, None, None])
 

@@ -80,8 +80,8 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
 
 
-def resolve_attention(name: str, dtype_name: str, device: torch.device) -> native.PagedDecode | None:
-    """The native decode-attention kernel, or None for torch's path. ``auto``: native for
+def resolve_attention(name: str, dtype_name: str, device: torch.device) -> native.PagedAttention | None:
+    """The native attention kernel, or None for torch's path. ``auto``: native for
     bfloat16 on CPU where it builds, else torch (with a warning when the build failed);
     ``native``: that, or a startup error that says why not; ``torch``: always torch."""
     if name == "torch":
@@ -91,11 +91,11 @@ def resolve_attention(name: str, dtype_name: str, device: torch.device) -> nativ
             raise ConfigError(f"engine.attention_backend native runs bfloat16 on CPU, not {dtype_name} on {device}")
         return None
     try:
-        return native.load().paged_decode
+        return native.load().paged_attention
     except native.NativeUnavailable as e:
         if name == "native":
             raise ConfigError(f"engine.attention_backend native: {e}") from None
-        log.warning("native decode attention unavailable, using torch's: %s", e)
+        log.warning("native attention unavailable, using torch's: %s", e)
         return None
 
 

@@ -9,14 +9,14 @@ import torch
 from kvbridge.engine.attention import AttentionBatch, PrefillSeq, cache_blocks, cache_rows, token_rows
 from kvbridge.engine.kv_cache import KVCache
 from kvbridge.engine.models.llama import LlamaModel
-from kvbridge.engine.native import PagedDecode
+from kvbridge.engine.native import PagedAttention
 from kvbridge.engine.scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, native: PagedDecode | None = None) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, native: PagedAttention | None = None) -> None:
         self.model = model
-        self.native = native  # decode attention by the native kernel (bfloat16, CPU)
+        self.native = native  # attention by the native kernel (bfloat16, CPU)
         self.kv = kv_cache
         self.device = kv_cache.device
         self.block_size = kv_cache.layout.block_size
@@ -34,6 +34,8 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillSeq] = []
+        tables: list[list[int]] = []  # native: every request's blocks
+        row_table: list[int] = []  # native: each row's request
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             c = req.num_computed_tokens
             row = len(ids)
@@ -41,7 +43,10 @@ class ModelRunner:
             positions.extend(range(c, c + n))
             slot_blocks.extend(req.block_ids[p // bs] for p in range(c, c + n))
             nblocks = -(-(c + n) // bs)
-            if n == 1 and c > 0:
+            if self.native is not None:
+                tables.append(req.block_ids[:nblocks])
+                row_table.extend([i] * n)
+            elif n == 1 and c > 0:
                 decode_rows.append(row)
                 decode_tables.append(req.block_ids[:nblocks])
                 decode_lens.append(c + 1)
@@ -55,14 +60,16 @@ class ModelRunner:
                 sampling.append(i)
 
         pos = torch.tensor(positions, **long)
-        decode_kv_blocks = mask = tables = lens = None
+        decode_kv_blocks = mask = native_tables = None
         if decode_rows:
             width = max(len(t) for t in decode_tables)
-            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], **long)
+            padded = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], **long)
             lens = torch.tensor(decode_lens, **long)
-            if self.native is None:
-                decode_kv_blocks = cache_blocks(tables, nkv)  # (2, B, nkv, width)
-                mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, :]  # (B, 1, L)
+            decode_kv_blocks = cache_blocks(padded, nkv)  # (2, B, nkv, width)
+            mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, :]  # (B, 1, L)
+        if tables:
+            width = max(len(t) for t in tables)
+            native_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], **long)
         attn = AttentionBatch(
             positions=pos,
             write_rows=token_rows(torch.tensor(slot_blocks, **long), pos % bs, nkv, bs),
@@ -72,9 +79,11 @@ class ModelRunner:
             decode_mask=mask,
             prefills=prefills,
             native=self.native,
-            decode_tables=tables,
-            decode_lens=lens,
-            decode_max_len=max(decode_lens, default=0),
+            tables=native_tables,
+            lens=pos + 1 if self.native is not None else None,
+            max_len=max(positions, default=-1) + 1,
+            # one row per request (a decode step): row i reads table i
+            row_table=None if len(row_table) == len(tables) else torch.tensor(row_table, **long),
         )
         return torch.tensor(ids, **long), attn, sampling
 

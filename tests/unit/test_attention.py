@@ -29,10 +29,11 @@ def dense(q, k, v, first):
 
 
 @pytest.mark.parametrize(
-    ("dtype", "score_elements"),
-    [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, 40)],  # 40: one query per chunk
+    ("dtype", "score_elements", "use_native"),
+    # 40: one query per chunk; native: every row one query of the native kernel (portable loop)
+    [(torch.float32, None, False), (torch.bfloat16, None, False), (torch.bfloat16, 40, False), (torch.bfloat16, None, True)],
 )
-def test_paged_attention_matches_dense(dtype, score_elements, monkeypatch):
+def test_paged_attention_matches_dense(dtype, score_elements, use_native, monkeypatch):
     if score_elements is not None:  # half precision chunks the queries of long prompts
         monkeypatch.setattr(attention, "SCORE_ELEMENTS", score_elements)
     torch.manual_seed(0)
@@ -78,6 +79,14 @@ def test_paged_attention_matches_dense(dtype, score_elements, monkeypatch):
         decode_mask=(torch.arange(ta.shape[1] * BS) < 10)[None, None, :],
         prefills=prefills,
     )
+    if use_native:
+        rows_of = [i for i, (_, _, n) in enumerate(specs) for _ in range(n)]
+        names = [name for name, _, _ in specs]
+        width = max(len(tables[x]) for x in names)
+        batch.native = native.load().paged_attention
+        batch.tables = torch.tensor([tables[x] + [0] * (width - len(tables[x])) for x in names])
+        batch.lens, batch.max_len = batch.positions + 1, int(batch.positions.max()) + 1
+        batch.row_table = torch.tensor(rows_of)
     write_kv(kv_layer, k, v, batch)
     out = paged_attention(q, k, v, kv_layer, batch, HD**-0.5)
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
@@ -117,10 +126,10 @@ def test_a_step_of_decodes_only_matches_dense(dtype, use_native):
         decode_rows=torch.arange(3),
         decode_kv_blocks=cache_blocks(padded, NKV),
         decode_mask=(torch.arange(width * BS)[None, :] <= torch.tensor(cached)[:, None])[:, None, :],
-        native=native.load().paged_decode if use_native else None,
-        decode_tables=padded,
-        decode_lens=torch.tensor(cached) + 1,
-        decode_max_len=max(cached) + 1,
+        native=native.load().paged_attention if use_native else None,
+        tables=padded,
+        lens=torch.tensor(cached) + 1,
+        max_len=max(cached) + 1,
     )
     assert batch.decode_only
     q = torch.randn(3, NKV * G, HD).to(dtype)

@@ -1,4 +1,4 @@
-"""The native paged decode kernel (bfloat16, CPU) against a float64 reference, and its rules."""
+"""The native paged attention kernel (bfloat16, CPU) against a float64 reference, and its rules."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def reference(q, kv, tables, lens):
 
 @pytest.mark.parametrize("hd", [64, 24])  # 64: the AVX-512 loop where the CPU has it; 24: the portable one
 def test_matches_float64_within_one_rounding(hd):
-    kern = native.load().paged_decode
+    kern = native.load().paged_attention
     lens = [1, 15, 16, 17, 200, 33]
     q, kv, tables, lens_t = paged_case(lens, NKV * 3, hd)
     out = kern(q, kv, tables, lens_t, max(lens))
@@ -59,7 +59,7 @@ def test_matches_float64_within_one_rounding(hd):
 
 
 def test_a_request_gives_the_same_bits_alone_and_in_any_batch():
-    kern = native.load().paged_decode
+    kern = native.load().paged_attention
     lens = [40, 7, 129, 64, 1]
     q, kv, tables, lens_t = paged_case(lens, NKV * 3, 64, seed=3)
     together = kern(q, kv, tables, lens_t, max(lens))
@@ -68,8 +68,26 @@ def test_a_request_gives_the_same_bits_alone_and_in_any_batch():
         assert torch.equal(alone, together[b : b + 1])
 
 
+@pytest.mark.parametrize("hd", [64, 128, 24])  # 64, 128: the prompt path where the CPU has AVX-512 BF16
+def test_a_prompt_token_gets_the_bits_of_a_decode_step(hd):
+    """Every row of a 70-token prompt, each bounded by its position, equals that token computed
+    alone as a decode step: chunked, cached or recomputed prompts cannot drift from decodes."""
+    kern = native.load().paged_attention
+    n = 70
+    _, kv, tables, _ = paged_case([n, 20], NKV * 3, hd, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    q = (torch.randn(n, NKV * 3, hd, generator=gen) * hd**-0.5).bfloat16()
+    lens = torch.arange(1, n + 1)
+    prompt = kern(q, kv, tables, lens, n, row_table=torch.zeros(n, dtype=torch.long))
+    for p in range(n):
+        alone = kern(q[p : p + 1], kv, tables[:1], lens[p : p + 1], p + 1)
+        assert torch.equal(alone, prompt[p : p + 1]), p
+    ref = torch.cat([reference(q[p : p + 1], kv, tables[:1], lens[p : p + 1]) for p in range(n)])
+    assert ((prompt.double() - ref).abs() <= ref.abs().clamp(min=2**-20) * 2**-7).all()
+
+
 def test_an_unsupported_shape_is_an_error_not_a_wrong_answer():
-    kern = native.load().paged_decode
+    kern = native.load().paged_attention
     q, kv, tables, lens = paged_case([5], 17 * NKV, 64)  # 17 query heads per KV head: over the kernel's 16
     with pytest.raises(ValueError, match="unsupported shape"):
         kern(q, kv, tables, lens, 5)
@@ -105,7 +123,7 @@ def test_backend_resolution(monkeypatch, caplog):
     cpu = torch.device("cpu")
     assert resolve_attention("torch", "bfloat16", cpu) is None
     assert resolve_attention("auto", "float32", cpu) is None  # float32 keeps SDPA (transformers' kernel)
-    assert resolve_attention("auto", "bfloat16", cpu) is native.load().paged_decode
+    assert resolve_attention("auto", "bfloat16", cpu) is native.load().paged_attention
     with pytest.raises(ConfigError, match="bfloat16 on CPU"):
         resolve_attention("native", "float32", cpu)
 

@@ -1,9 +1,10 @@
 """Native CPU kernels for bfloat16, compiled from C on first use with the machine's compiler.
 
-- ``paged_decode.c``: paged decode attention, each decode query against the K/V of its
-  blocks, read in place. torch's path gathers every request's blocks into a padded copy and
-  runs two batched matmuls, a mask and a softmax: ~14 ms of a 44 ms batch-8 decode step of
-  the default model on a 2-core VM; the kernel reads each key and value once.
+- ``paged_attention.c``: paged attention, each query row (a decode token, or a prompt token
+  with its position as causal bound) against the K/V of its blocks, read in place. torch's
+  path gathers every request's blocks into a padded copy and runs two batched matmuls, a mask
+  and a softmax: ~14 ms of a 44 ms batch-8 decode step of the default model on a 2-core VM;
+  the kernel reads each key and value once. A prompt token gets the bits a decode step would.
 - ``linear.c``: the model's linear layers (AVX512-BF16), weights packed once for it. A decode
   step's products stream every weight from memory once for all its rows; oneDNN's took
   ~1.5x as long for the same weights (see ``NativeLinear``).
@@ -103,27 +104,33 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 @dataclass(frozen=True)
-class PagedDecode:
-    """``paged_decode_bf16`` of the built library, called with torch tensors."""
+class PagedAttention:
+    """``paged_attention_bf16`` of the built library, called with torch tensors."""
 
     fn: ctypes._CFuncPtr
+    scratch_floats: ctypes._CFuncPtr  # per thread, for (g, hd, max_len)
 
     def __call__(
-        self, q: torch.Tensor, kv_layer: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, max_len: int
-    ) -> torch.Tensor:
+        self, q: torch.Tensor, kv_layer: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, max_len: int,
+        row_table: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """q (B, nh, hd) bf16, scaled; kv_layer (num_blocks, 2, nkv, bs, hd) bf16; tables
-        (B, width) and lens (B,) int64, lens[b] ≤ max_len ≤ width * bs → (B, nh, hd)."""
+        (R, width) block ids and lens (B,) int64: query row b attends to the first lens[b] ≤
+        max_len ≤ width * bs tokens of table row ``row_table[b]`` (None: row b) → (B, nh, hd)."""
         B, nh, hd = q.shape
         _, _, nkv, bs, _ = kv_layer.shape
         q = q.contiguous()
         out = torch.empty_like(q)
-        scratch = torch.empty(B * nh * max_len, dtype=torch.float32)
+        threads = torch.get_num_threads()
+        scratch = torch.empty(threads * self.scratch_floats(nh // nkv, hd, max_len), dtype=torch.float32)
         rc = self.fn(
-            q.data_ptr(), kv_layer.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(), scratch.data_ptr(),
-            B, nkv, nh // nkv, hd, bs, tables.shape[1], max_len, torch.get_num_threads(),
+            q.data_ptr(), kv_layer.data_ptr(), tables.data_ptr(), lens.data_ptr(), _ptr(row_table), out.data_ptr(),
+            scratch.data_ptr(), B, nkv, nh // nkv, hd, bs, tables.shape[1], max_len, threads,
         )  # fmt: skip
+        if rc == -2:
+            raise MemoryError("paged_attention_bf16: out of memory")
         if rc != 0:
-            raise ValueError(f"paged_decode_bf16: unsupported shape (heads {nh}/{nkv}, head dim {hd}, block size {bs})")
+            raise ValueError(f"paged_attention_bf16: unsupported shape (heads {nh}/{nkv}, head dim {hd}, block size {bs})")
         return out
 
 
@@ -206,7 +213,7 @@ class ElementwiseOps:
 
 @dataclass(frozen=True)
 class Kernels:
-    paged_decode: PagedDecode
+    paged_attention: PagedAttention
     linear: LinearKernel
     elementwise: ElementwiseOps
 
@@ -221,7 +228,8 @@ def load() -> Kernels:
         raise NativeUnavailable(f"cannot load {path}: {e}") from None
     c_ptr, c_i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {  # name: (return type, argument types), as the C files declare them
-        "paged_decode_bf16": (c_int, [c_ptr] * 6 + [c_i64] * 7 + [c_int]),
+        "paged_attention_bf16": (c_int, [c_ptr] * 7 + [c_i64] * 7 + [c_int]),
+        "paged_attention_scratch": (c_i64, [c_i64] * 3),
         "linear_bf16": (c_int, [c_ptr] * 4 + [c_i64] * 3 + [c_int]),
         "rmsnorm_bf16": (None, [c_ptr] * 5 + [c_i64, c_i64, ctypes.c_float, c_int]),
         "silu_mul_bf16": (None, [c_ptr, c_ptr, c_i64, c_i64, c_int]),
@@ -230,4 +238,4 @@ def load() -> Kernels:
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
-    return Kernels(PagedDecode(lib.paged_decode_bf16), LinearKernel(lib.linear_bf16, lib.linear_bf16_available()), ElementwiseOps(lib))
+    return Kernels(PagedAttention(lib.paged_attention_bf16, lib.paged_attention_scratch), LinearKernel(lib.linear_bf16, lib.linear_bf16_available()), ElementwiseOps(lib))

@@ -1,0 +1,334 @@
+/* Paged attention, bfloat16, CPU: each query row against the K/V of the first lens[b] tokens
+ * of its request, read in place from the cache (no gather into a padded copy).
+ *
+ * A decode step has one row per request; a prompt (chunk) has one row per new token, each with
+ * its own length (its position + 1), so its causal mask is just that length. A query row is
+ * computed the same way whatever the other rows are: a prompt token gets the bits it would get
+ * as a decode step, so chunked or cached prompts, recomputed (preempted) requests and decodes
+ * agree to the bit.
+ *
+ * Layout (kv_cache.py): one layer's cache is (num_blocks, 2, nkv, bs, hd); token t of a
+ * request is row t % bs of block tables[table_row(b)][t / bs]. Queries come scaled,
+ * (B, nkv, g, hd), the g query heads that share a KV head next to each other; the output has
+ * the same shape.
+ *
+ * Arithmetic: bf16 inputs widened to float32; scores, softmax and the weighted sum of V in
+ * float32; one rounding, to bf16 (nearest even), at the end. Each (row, KV head) is computed
+ * alone, in a fixed order, so a row's output never depends on its batch.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#include "bf16.h"
+
+/* a . b in 16 float32 lanes, summed in a fixed tree: vectorizes without reassociation */
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    float part[16] = {0};
+    int64_t d = 0;
+    for (; d + 16 <= n; d += 16)
+        for (int j = 0; j < 16; j++) part[j] += a[d + j] * b[d + j];
+    for (int j = 0; d + j < n; j++) part[j] += a[d + j] * b[d + j];
+    for (int w = 8; w >= 1; w /= 2)
+        for (int j = 0; j < w; j++) part[j] += part[j + w];
+    return part[0];
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define HAVE_AVX512_BF16 1
+
+static inline __m512 exp_nonpos16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+/* The sum of 16 lanes in a fixed tree (lanes i and i+8, then i+4, i+2, i+1), written out so
+ * that the prompt path below, which keeps each lane of 16 keys in its own register, can add
+ * them in exactly this order; a compiler's _mm512_reduce_add_ps may use another. */
+static inline float sum16(__m512 a) {
+    __m256 w = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(w), _mm256_extractf128_ps(w, 1));
+    __m128 y = _mm_add_ps(x, _mm_movehl_ps(x, x)); /* lanes 0+2, 1+3 */
+    return _mm_cvtss_f32(_mm_add_ss(y, _mm_movehdup_ps(y)));
+}
+
+/* Scores s[0..L) (max mx) → exp(s - mx) in place; returns their sum. */
+static inline float softmax_row(float *si, int64_t L, float mx) {
+    const __m512 m = _mm512_set1_ps(mx);
+    __m512 tot = _mm512_setzero_ps();
+    int64_t t = 0;
+    for (; t + 16 <= L; t += 16) {
+        __m512 e = exp_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(si + t), m));
+        _mm512_storeu_ps(si + t, e);
+        tot = _mm512_add_ps(tot, e);
+    }
+    if (t < L) {
+        const __mmask16 mask = (__mmask16)((1u << (L - t)) - 1u);
+        __m512 e = exp_nonpos16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, si + t), m));
+        e = _mm512_maskz_mov_ps(mask, e);
+        _mm512_mask_storeu_ps(si + t, mask, e);
+        tot = _mm512_add_ps(tot, e);
+    }
+    return sum16(tot);
+}
+
+/* acc (nv registers of 16 floats) / sum → bf16 */
+static inline void store_row(uint16_t *o, const __m512 *acc, int64_t nv, float sum) {
+    const __m512 inv = _mm512_set1_ps(1.0f / sum);
+    for (int64_t c = 0; c < nv; c++)
+        _mm256_storeu_si256((__m256i *)(o + c * 16), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[c], inv)));
+}
+
+static inline __m512 widen16(const uint16_t *x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+}
+
+/* One (row, KV head): hd a multiple of 32, at most 8 query heads a group, hd <= 256. */
+static void task_avx512(const uint16_t *qb, const uint16_t *kv, const int64_t *table, int64_t L, uint16_t *ob,
+                        float *s, int64_t g, int64_t hd, int64_t bs, int64_t h, int64_t nkv, int64_t block_elems) {
+    const int64_t nq = hd / 32; /* 32 bf16 pairs per dpbf16 */
+    const int bs_shift = __builtin_ctzll((unsigned long long)bs); /* bs is a power of two */
+    const int64_t bs_mask = bs - 1;
+    __m512bh qv[8][8];
+    float mx[8];
+    for (int64_t i = 0; i < g; i++) {
+        for (int64_t c = 0; c < nq; c++) qv[i][c] = (__m512bh)_mm512_loadu_si512(qb + i * hd + c * 32);
+        mx[i] = -__builtin_inff();
+    }
+    for (int64_t t = 0; t < L; t++) {
+        const uint16_t *k = kv + table[t >> bs_shift] * block_elems + (h * bs + (t & bs_mask)) * hd;
+        __m512bh kc[8];
+        for (int64_t c = 0; c < nq; c++) kc[c] = (__m512bh)_mm512_loadu_si512(k + c * 32);
+        for (int64_t i = 0; i < g; i++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t c = 0; c < nq; c++) acc = _mm512_dpbf16_ps(acc, qv[i][c], kc[c]);
+            const float dot = sum16(acc);
+            s[i * L + t] = dot;
+            if (dot > mx[i]) mx[i] = dot;
+        }
+    }
+    float sum[8];
+    for (int64_t i = 0; i < g; i++) sum[i] = softmax_row(s + i * L, L, mx[i]);
+    const int64_t nv = hd / 16; /* 16 floats a register */
+    __m512 acc[8][16];
+    for (int64_t i = 0; i < g; i++)
+        for (int64_t c = 0; c < nv; c++) acc[i][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < L; t++) {
+        const uint16_t *v = kv + table[t >> bs_shift] * block_elems + ((nkv + h) * bs + (t & bs_mask)) * hd;
+        __m512 vf[16];
+        for (int64_t c = 0; c < nv; c++) vf[c] = widen16(v + c * 16);
+        for (int64_t i = 0; i < g; i++) {
+            const __m512 p = _mm512_set1_ps(s[i * L + t]);
+            for (int64_t c = 0; c < nv; c++) acc[i][c] = _mm512_fmadd_ps(p, vf[c], acc[i][c]);
+        }
+    }
+    for (int64_t i = 0; i < g; i++) store_row(ob + i * hd, acc[i], nv, sum[i]);
+}
+
+/* Rows r of one request and one KV head (a prompt's tokens), the same arithmetic as
+ * task_avx512 for each, but each K and V read once for all the rows: K transposed by tiles of
+ * 16 keys (kt: for each pair of dims w, 16 keys' pair w side by side), so that one dpbf16 with
+ * the query's pair w broadcast gives lane w's partial dot for 16 keys at once, summed in
+ * sum16's tree across registers; V widened to float32 once (vf). HD: 64 or 128 (a constant
+ * here, so the accumulators stay in registers). */
+static inline __attribute__((always_inline)) void
+run_avx512(const int HD, const uint16_t *q, const int64_t *lens, int64_t n, const uint16_t *kv, const int64_t *table,
+           uint16_t *out, float *s, uint32_t *kt, float *vf, int64_t g, int64_t bs, int64_t h, int64_t nkv,
+           int64_t block_elems) {
+    const int W = HD / 2; /* dword pairs of a row */
+    const int bs_shift = __builtin_ctzll((unsigned long long)bs);
+    const int64_t bs_mask = bs - 1;
+    int64_t Lmax = 0;
+    for (int64_t r = 0; r < n; r++) Lmax = lens[r] > Lmax ? lens[r] : Lmax;
+    const int64_t tiles = (Lmax + 15) / 16;
+    for (int64_t j = 0; j < tiles; j++) {
+        uint32_t *kj = kt + j * W * 16;
+        for (int64_t l = 0; l < 16; l++) {
+            const int64_t t = j * 16 + l;
+            if (t < Lmax) {
+                const uint32_t *k = (const uint32_t *)(kv + table[t >> bs_shift] * block_elems + (h * bs + (t & bs_mask)) * HD);
+                const uint16_t *v = kv + table[t >> bs_shift] * block_elems + ((nkv + h) * bs + (t & bs_mask)) * HD;
+                for (int w = 0; w < W; w++) kj[w * 16 + l] = k[w];
+                for (int c = 0; c < HD / 16; c++) _mm512_storeu_ps(vf + t * HD + c * 16, widen16(v + c * 16));
+            } else {
+                for (int w = 0; w < W; w++) kj[w * 16 + l] = 0;
+            }
+        }
+    }
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t L = lens[r];
+        float sum[8];
+        for (int64_t i = 0; i < g; i++) {
+            const uint32_t *qw = (const uint32_t *)(q + (r * nkv * g + i) * HD);
+            float *si = s + i * L;
+            __m512 mxv = _mm512_set1_ps(-__builtin_inff());
+            for (int64_t j = 0; j * 16 < L; j++) {
+                const uint32_t *kj = kt + j * W * 16;
+                __m512 a[16];
+                for (int w = 0; w < 16; w++) a[w] = _mm512_setzero_ps();
+                for (int c = 0; c < W / 16; c++) /* dpbf16 chunk c of 32 dims: lane w is pair c*16+w */
+                    for (int w = 0; w < 16; w++)
+                        a[w] = _mm512_dpbf16_ps(a[w], (__m512bh)_mm512_set1_epi32((int)qw[c * 16 + w]),
+                                                (__m512bh)_mm512_loadu_si512(kj + (c * 16 + w) * 16));
+                for (int w = 0; w < 8; w++) a[w] = _mm512_add_ps(a[w], a[w + 8]);
+                for (int w = 0; w < 4; w++) a[w] = _mm512_add_ps(a[w], a[w + 4]);
+                for (int w = 0; w < 2; w++) a[w] = _mm512_add_ps(a[w], a[w + 2]);
+                const __m512 dot = _mm512_add_ps(a[0], a[1]);
+                const int64_t left = L - j * 16;
+                const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+                _mm512_mask_storeu_ps(si + j * 16, mask, dot);
+                mxv = _mm512_mask_max_ps(mxv, mask, mxv, dot);
+            }
+            sum[i] = softmax_row(si, L, _mm512_reduce_max_ps(mxv));
+        }
+        /* the weighted sum of V, two heads at a time: twice the independent FMA chains per load */
+        for (int64_t i = 0; i < g; i += 2) {
+            const int two = i + 1 < g;
+            const float *s0 = s + i * L, *s1 = s + (i + two) * L;
+            __m512 a0[HD / 16], a1[HD / 16];
+            for (int c = 0; c < HD / 16; c++) a0[c] = a1[c] = _mm512_setzero_ps();
+            if (two)
+                for (int64_t t = 0; t < L; t++) {
+                    const __m512 p0 = _mm512_set1_ps(s0[t]), p1 = _mm512_set1_ps(s1[t]);
+                    for (int c = 0; c < HD / 16; c++) {
+                        const __m512 v = _mm512_loadu_ps(vf + t * HD + c * 16);
+                        a0[c] = _mm512_fmadd_ps(p0, v, a0[c]);
+                        a1[c] = _mm512_fmadd_ps(p1, v, a1[c]);
+                    }
+                }
+            else
+                for (int64_t t = 0; t < L; t++) {
+                    const __m512 p0 = _mm512_set1_ps(s0[t]);
+                    for (int c = 0; c < HD / 16; c++) a0[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(vf + t * HD + c * 16), a0[c]);
+                }
+            store_row(out + (r * nkv * g + i) * HD, a0, HD / 16, sum[i]);
+            if (two) store_row(out + (r * nkv * g + i + 1) * HD, a1, HD / 16, sum[i + 1]);
+        }
+    }
+}
+#endif
+
+#define MAX_G 16
+#define MAX_HD 256
+
+/* One (row, KV head), any shape up to MAX_G and MAX_HD, scalar code the compiler vectorizes. */
+static void task_portable(const uint16_t *qb, const uint16_t *kv, const int64_t *table, int64_t L, uint16_t *ob,
+                          float *s, int64_t g, int64_t hd, int64_t bs, int64_t h, int64_t nkv, int64_t block_elems) {
+    const int bs_shift = __builtin_ctzll((unsigned long long)bs);
+    float qf[MAX_G][MAX_HD], acc[MAX_G][MAX_HD], kf[MAX_HD];
+    float mx[MAX_G], sum[MAX_G];
+    for (int64_t i = 0; i < g; i++) {
+        for (int64_t d = 0; d < hd; d++) qf[i][d] = bf16_to_f32(qb[i * hd + d]);
+        mx[i] = -__builtin_inff();
+    }
+    for (int64_t t = 0; t < L; t++) {
+        const uint16_t *k = kv + table[t >> bs_shift] * block_elems + (h * bs + (t & (bs - 1))) * hd;
+        for (int64_t d = 0; d < hd; d++) kf[d] = bf16_to_f32(k[d]);
+        for (int64_t i = 0; i < g; i++) {
+            const float dot = dot_f32(qf[i], kf, hd);
+            s[i * L + t] = dot;
+            if (dot > mx[i]) mx[i] = dot;
+        }
+    }
+    for (int64_t i = 0; i < g; i++) {
+        float *si = s + i * L;
+        float m = mx[i], total = 0.0f;
+        for (int64_t t = 0; t < L; t++) {
+            si[t] = exp_nonpos(si[t] - m);
+            total += si[t];
+        }
+        sum[i] = total;
+        for (int64_t d = 0; d < hd; d++) acc[i][d] = 0.0f;
+    }
+    for (int64_t t = 0; t < L; t++) {
+        const uint16_t *v = kv + table[t >> bs_shift] * block_elems + ((nkv + h) * bs + (t & (bs - 1))) * hd;
+        for (int64_t d = 0; d < hd; d++) kf[d] = bf16_to_f32(v[d]);
+        for (int64_t i = 0; i < g; i++) {
+            const float p = s[i * L + t];
+            for (int64_t d = 0; d < hd; d++) acc[i][d] += p * kf[d];
+        }
+    }
+    for (int64_t i = 0; i < g; i++) {
+        const float inv = 1.0f / sum[i];
+        for (int64_t d = 0; d < hd; d++) ob[i * hd + d] = f32_to_bf16(acc[i][d] * inv);
+    }
+}
+
+#define RUN 32 /* rows of one request that the prompt path takes at a time */
+
+/* Floats of scratch each thread needs: scores (g, max_len), then for the prompt path K
+ * transposed by tiles and V widened (``run_avx512``). */
+int64_t paged_attention_scratch(int64_t g, int64_t hd, int64_t max_len) {
+    return g * max_len + (max_len + 15) / 16 * 16 * (hd / 2) + max_len * hd;
+}
+
+/* Returns 0, or -1 when a shape is beyond what this kernel was written for.
+ * row_table: (B,) which row of ``tables`` each query row reads (NULL: row b reads table b);
+ * scratch: num_threads * paged_attention_scratch(g, hd, max_len) floats. */
+int paged_attention_bf16(const uint16_t *q, const uint16_t *kv, const int64_t *tables, const int64_t *lens,
+                         const int64_t *row_table, uint16_t *out, float *scratch, int64_t B, int64_t nkv, int64_t g,
+                         int64_t hd, int64_t bs, int64_t width, int64_t max_len, int num_threads) {
+    if (g > MAX_G || hd > MAX_HD || g < 1 || hd < 1 || bs < 1 || (bs & (bs - 1))) return -1;
+    const int64_t block_elems = 2 * nkv * bs * hd; /* one block of one layer, K and V */
+    const int64_t per_thread = paged_attention_scratch(g, hd, max_len);
+    /* runs: consecutive rows that read the same table (a prompt's tokens), at most RUN rows */
+    int64_t *starts = malloc((size_t)(B + 1) * sizeof *starts);
+    if (!starts) return -2;
+    int64_t runs = 0;
+    for (int64_t b = 0; b < B;) {
+        int64_t e = b + 1;
+        while (e < B && e - b < RUN && row_table && row_table[e] == row_table[b]) e++;
+        starts[runs++] = b;
+        b = e;
+    }
+    starts[runs] = B;
+    /* dynamic: a prompt's rows grow longer one by one, and a thread whose core is busy with
+     * another process should not hold back the rest */
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t u = 0; u < runs; u++) {
+        for (int64_t h = 0; h < nkv; h++) {
+            const int64_t b0 = starts[u], n = starts[u + 1] - b0;
+            const int64_t *table = tables + (row_table ? row_table[b0] : b0) * width;
+            float *s = scratch + (int64_t)omp_get_thread_num() * per_thread;
+#ifdef HAVE_AVX512_BF16
+            if (n > 1 && (hd == 64 || hd == 128) && g <= 8) {
+                uint32_t *kt = (uint32_t *)(s + g * max_len);
+                float *vf = s + g * max_len + (max_len + 15) / 16 * 16 * (hd / 2);
+                const uint16_t *qr = q + (b0 * nkv + h) * g * hd;
+                uint16_t *orow = out + (b0 * nkv + h) * g * hd;
+                if (hd == 64)
+                    run_avx512(64, qr, lens + b0, n, kv, table, orow, s, kt, vf, g, bs, h, nkv, block_elems);
+                else
+                    run_avx512(128, qr, lens + b0, n, kv, table, orow, s, kt, vf, g, bs, h, nkv, block_elems);
+                continue;
+            }
+#endif
+            for (int64_t b = b0; b < b0 + n; b++) {
+                const uint16_t *qb = q + (b * nkv + h) * g * hd;
+                uint16_t *ob = out + (b * nkv + h) * g * hd;
+#ifdef HAVE_AVX512_BF16
+                if (hd % 32 == 0 && g <= 8) {
+                    task_avx512(qb, kv, table, lens[b], ob, s, g, hd, bs, h, nkv, block_elems);
+                    continue;
+                }
+#endif
+                task_portable(qb, kv, table, lens[b], ob, s, g, hd, bs, h, nkv, block_elems);
+            }
+        }
+    }
+    free(starts);
+    return 0;
+}
