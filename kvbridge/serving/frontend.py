@@ -175,10 +175,12 @@ class ClusterEngine:
             if self.metrics is not None:
                 self.metrics.cached_blocks.inc(route.cached_blocks)
             target = None
+            prefilling = route.prefill.worker_id if route.prefill is not None else None  # until the first token
             if route.prefill is not None:
                 self._count(route.prefill, "prefill")
                 p = route.prefill
                 target = PrefillTarget(worker_id=p.worker_id, url=p.endpoint, bootstrap=p.transfer_address)
+                self.router.prefill_started(p.worker_id)
             body = GenerateRequest(
                 request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling=Sampling.of(params), prefill=target
             )
@@ -197,6 +199,9 @@ class ClusterEngine:
                         d = decode(line, Delta)
                         if not streamed:
                             self._first(d)
+                            if prefilling is not None:
+                                self.router.prefill_ended(prefilling)
+                                prefilling = None
                         streamed = True
                         yield d.output()
                         if d.finished:
@@ -210,6 +215,9 @@ class ClusterEngine:
                     yield RequestOutput(request_id, [], "", finished=True, finish_reason=FinishReason.ERROR, error=message)
                     return
                 tried.add(worker)
+            finally:
+                if prefilling is not None:  # the attempt ended before its first token
+                    self.router.prefill_ended(prefilling)
 
     async def _refused(self, worker: str, r: httpx.Response) -> None:
         data = await r.aread()

@@ -13,13 +13,18 @@ Policies (``cluster.policy``):
 
 Conditional disaggregation: a prompt shorter than ``min_prefill_tokens``, no prefill worker
 with the decode worker's KV fingerprint, or every prefill queue deeper than
-``max_prefill_queue`` → prefilled on the decode worker. Workers without a fresh load report
-count as idle. Pure logic: the views are passed in, tests hand it fakes.
+``max_prefill_queue`` → prefilled on the decode worker. A prefill queue's depth is the larger
+of the prefills this router sent there that have not ended (``prefill_started`` /
+``prefill_ended``: exact and current) and the waiting requests the worker last reported
+(which covers other frontends; a prefill worker admits prompts as running, so its own
+``num_waiting`` stays 0 until it is far behind). Workers without a fresh load report count as
+idle. Pure logic: the views are passed in, tests hand it fakes.
 """
 
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -66,6 +71,20 @@ class Router:
         self.kv = kv
         self.block_size = block_size
         self._turn = {WorkerRole.PREFILL: 0, WorkerRole.DECODE: 0}
+        self._inflight: Counter[str] = Counter()  # prefill worker → prefills sent, not yet ended
+
+    def prefill_started(self, worker_id: str) -> None:
+        self._inflight[worker_id] += 1
+
+    def prefill_ended(self, worker_id: str) -> None:
+        """The prefill sent there is done: the first token came back, or the attempt ended."""
+        self._inflight[worker_id] -= 1
+        if self._inflight[worker_id] <= 0:
+            del self._inflight[worker_id]
+
+    def queue_depth(self, worker_id: str) -> int:
+        r = self.loads.get(worker_id)
+        return max(self._inflight[worker_id], r.num_waiting if r is not None else 0)
 
     def route(self, prompt: Sequence[int], exclude: Collection[str] = ()) -> Route:
         view = [w for _, w in sorted(self._workers().items()) if w.worker_id not in exclude]
@@ -102,8 +121,7 @@ class Router:
         return None
 
     def _busy(self, w: WorkerInfo) -> bool:
-        r = self.loads.get(w.worker_id)
-        return r is not None and r.num_waiting > self.config.max_prefill_queue
+        return self.queue_depth(w.worker_id) > self.config.max_prefill_queue
 
     def _pick(self, role: WorkerRole, candidates: list[WorkerInfo], hashes: list[int] | None) -> tuple[WorkerInfo, int]:
         """The best candidate by policy; ties go round robin. Returns it and its cached blocks."""

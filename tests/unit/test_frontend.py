@@ -87,6 +87,21 @@ def test_a_dead_decode_worker_is_dropped_and_the_request_retried_elsewhere():
     outs = asyncio.run(collect(ce))
     assert seen == ["decode-0", "decode-1"] and watcher.removed == ["decode-0"]
     assert [t for o in outs for t in o.new_token_ids] == [10, 11, 12] and outs[-1].finished
+    assert ce.router.queue_depth("prefill-0") == 0  # the failed attempt's prefill ended too
+
+
+def test_a_prefill_counts_in_its_workers_queue_until_the_first_token():
+    depth: list[int] = []
+
+    async def body(rid: str):
+        depth.append(ce.router.queue_depth("prefill-0"))  # the decode worker still waits for the prefill
+        for line in lines(rid, 2):
+            yield line
+            depth.append(ce.router.queue_depth("prefill-0"))
+
+    ce, _ = engine(lambda r: httpx.Response(200, content=body(decode(r.content, GenerateRequest).request_id)), P0, D0)
+    asyncio.run(collect(ce))
+    assert depth[0] == 1 and depth[-1] == 0
 
 
 def test_death_mid_stream_ends_the_stream_with_a_clear_error():

@@ -75,6 +75,23 @@ def test_short_prompts_and_busy_prefill_pools_prefill_on_the_decode_worker():
     assert f.router.route(PROMPT).prefill is P0
 
 
+def test_prefills_in_flight_count_in_the_queue_before_any_load_report():
+    """A prefill worker admits prompts as running, so its reported ``num_waiting`` stays 0 while
+    its queue grows: the prefills this router sent and that have not ended count instead."""
+    f = Fake(P0, D0, max_prefill_queue=1)
+    f.router.prefill_started("prefill-0")
+    assert f.router.route(PROMPT).prefill is P0  # depth 1: not over 1
+    f.router.prefill_started("prefill-0")
+    f.load("prefill-0", waiting=0, running=2)
+    assert f.router.queue_depth("prefill-0") == 2
+    assert f.router.route(PROMPT).local_reason is LocalReason.PREFILL_BUSY
+    f.router.prefill_ended("prefill-0")
+    assert f.router.route(PROMPT).prefill is P0
+    f.router.prefill_ended("prefill-0")
+    f.load("prefill-0", waiting=3)  # another frontend's requests wait there
+    assert f.router.route(PROMPT).local_reason is LocalReason.PREFILL_BUSY
+
+
 def test_no_prefill_worker_or_another_fingerprint_means_local():
     assert Fake(D0).router.route(PROMPT).local_reason is LocalReason.NO_PREFILL_WORKER
     other = info("prefill-x", WorkerRole.PREFILL, fp="other-model")
