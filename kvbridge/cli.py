@@ -129,7 +129,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-threads", type=int, help="torch threads (default: KVBRIDGE_NUM_THREADS or all cores)")
     g.add_argument(
         "--attention-backend", choices=("auto", "native", "torch"),
-        help="decode attention: native C kernel (bfloat16, CPU; built once with the machine's cc), torch, or auto (default)",
+        help="attention (decode and prompt): native C kernel (bfloat16, CPU; built once with the machine's cc), torch, or auto (default)",
     )  # fmt: skip
     g.add_argument(
         "--layer-backend", choices=("auto", "native", "torch"),
