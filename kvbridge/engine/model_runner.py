@@ -60,16 +60,22 @@ class ModelRunner:
                 sampling.append(i)
 
         pos = torch.tensor(positions, **long)
-        decode_kv_blocks = mask = native_tables = None
+        decode_kv_blocks = mask = None
         if decode_rows:
-            width = max(len(t) for t in decode_tables)
-            padded = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], **long)
+            padded = _padded(decode_tables, long)
             lens = torch.tensor(decode_lens, **long)
             decode_kv_blocks = cache_blocks(padded, nkv)  # (2, B, nkv, width)
-            mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, :]  # (B, 1, L)
-        if tables:
-            width = max(len(t) for t in tables)
-            native_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], **long)
+            mask = (torch.arange(padded.shape[1] * bs, device=dev)[None, :] < lens[:, None])[:, None, :]  # (B, 1, L)
+        native = {}
+        if self.native is not None:
+            native = dict(
+                native=self.native,
+                tables=_padded(tables, long),
+                lens=pos + 1,
+                max_len=max(positions, default=-1) + 1,
+                # one row per request (a decode step): row i reads table i
+                row_table=None if len(row_table) == len(tables) else torch.tensor(row_table, **long),
+            )
         attn = AttentionBatch(
             positions=pos,
             write_rows=token_rows(torch.tensor(slot_blocks, **long), pos % bs, nkv, bs),
@@ -78,12 +84,7 @@ class ModelRunner:
             decode_kv_blocks=decode_kv_blocks,
             decode_mask=mask,
             prefills=prefills,
-            native=self.native,
-            tables=native_tables,
-            lens=pos + 1 if self.native is not None else None,
-            max_len=max(positions, default=-1) + 1,
-            # one row per request (a decode step): row i reads table i
-            row_table=None if len(row_table) == len(tables) else torch.tensor(row_table, **long),
+            **native,
         )
         return torch.tensor(ids, **long), attn, sampling
 
@@ -92,3 +93,10 @@ class ModelRunner:
         input_ids, attn, sampling = self.prepare(batch)
         logits = self.model(input_ids, self.kv.layers, attn, between_layers)
         return logits.cpu() if logits.device.type != "cpu" else logits, sampling
+
+
+def _padded(tables: list[list[int]], long: dict) -> torch.Tensor:
+    """Block-id lists → (len(tables), longest) tensor, padded with block 0 (never read: each
+    row's length bounds what it reads)."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], **long)

@@ -174,13 +174,13 @@ class ClusterEngine:
             self._count(route.decode, "decode")
             if self.metrics is not None:
                 self.metrics.cached_blocks.inc(route.cached_blocks)
-            target = None
-            prefilling = route.prefill.worker_id if route.prefill is not None else None  # until the first token
+            target = prefilling = None  # prefilling: the prefill worker, until the first token
             if route.prefill is not None:
                 self._count(route.prefill, "prefill")
                 p = route.prefill
                 target = PrefillTarget(worker_id=p.worker_id, url=p.endpoint, bootstrap=p.transfer_address)
-                self.router.prefill_started(p.worker_id)
+                prefilling = p.worker_id
+                self.router.prefill_started(prefilling)
             body = GenerateRequest(
                 request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling=Sampling.of(params), prefill=target
             )
