@@ -9,7 +9,7 @@ PORT    ?= 8000
 ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test install bench clean
+.PHONY: run test test-gpu install bench clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH"; exit 1; }
@@ -28,6 +28,13 @@ run: $(STAMP)
 
 test: $(STAMP)
 	UCX_NET_DEVICES=lo $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# the engine, transfer and disaggregated tests again with weights and KV on the GPU (VRAM
+# registered with NIXL and UCX); needs a CUDA build of torch and one NVIDIA GPU
+GPU_TESTS := tests/integration/test_transfer_nixl.py tests/integration/test_transfer_ucx.py \
+	tests/integration/test_engine.py tests/integration/test_disagg.py
+test-gpu: $(STAMP)
+	KVBRIDGE_TEST_DEVICE=cuda UCX_NET_DEVICES=lo $(BIN)/python -m pytest -q $(GPU_TESTS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/kvbridge bench engine

@@ -26,6 +26,8 @@ import traceback
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from tests.device import DEVICE
+
 BACKENDS = {"nixl": "NIXL", "ucx": "UCX"}
 
 
@@ -44,6 +46,7 @@ class PeerSpec:
     timeout_ms: int = 3000
     verify_checksums: bool = True
     seed: int = 0
+    device: str = DEVICE  # cpu | cuda[:N]: KV in host memory or in VRAM
 
 
 # --------------------------------------------------------------------------- child
@@ -76,7 +79,7 @@ def _build(spec: PeerSpec) -> tuple[Any, Any, Any]:
     from kvbridge.transfer.select import create_transceiver
 
     layout = KVLayout(spec.num_layers, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim, spec.dtype)
-    kv = KVCache(layout)
+    kv = KVCache(layout, spec.device)
     g = torch.Generator().manual_seed(spec.seed)
     kv.as_bytes().copy_(torch.randint(0, 256, (layout.total_bytes,), dtype=torch.uint8, generator=g))
     pool = BlockPool(layout.num_blocks, layout.block_size, enable_prefix_caching=False)
@@ -208,7 +211,7 @@ def _child(conn: Any, spec_d: dict) -> None:
                 for b in args[0]:
                     h = hashlib.sha256()
                     for layer in range(lay.num_layers):
-                        h.update(kv.block_bytes_view(layer, b).numpy().tobytes())
+                        h.update(kv.block_bytes_view(layer, b).cpu().numpy().tobytes())
                     res.append(h.hexdigest())
             elif cmd == "pool":
                 res = (pool.num_free, pool.num_blocks, t.num_pending)

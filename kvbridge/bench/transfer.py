@@ -18,7 +18,8 @@ each size, after warm-up:
                   on the NIXL transceiver's agents, registrations and prepared lists (for
                   another backend, on a NIXL pair of its own), each round right after the
                   transceiver's round
-    memcpy        one thread, numpy copy of the same number of bytes, in this process
+    memcpy        one thread, numpy copy of the same number of bytes, in this process;
+                  with ``--device cuda`` a device-to-device copy (cudaMemcpy) on that GPU
 
 A round's time per transfer is the median of its transfers, the same for the transceiver
 and bare NIXL: on a shared VM one transfer preempted for a few ms moves a mean of 32 by
@@ -98,7 +99,7 @@ class Row:
 # --------------------------------------------------------------------------- peer process
 
 
-def _peer(conn: Any, role: str, num_blocks: int) -> None:
+def _peer(conn: Any, role: str, num_blocks: int, device: str) -> None:
     import torch
 
     from kvbridge.config import CacheTransceiverConfig
@@ -106,7 +107,7 @@ def _peer(conn: Any, role: str, num_blocks: int) -> None:
     from kvbridge.transfer.select import create_transceiver
 
     torch.set_num_threads(1)
-    kv = KVCache(KVLayout(NUM_LAYERS, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, DTYPE))
+    kv = KVCache(KVLayout(NUM_LAYERS, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, DTYPE), device)
     kv.as_bytes().copy_(torch.randint(0, 256, (kv.layout.total_bytes,), dtype=torch.uint8))
     t: Any = None
     peer = ""
@@ -215,10 +216,10 @@ def _bare_target(t: Any, iters: int) -> float:
 
 
 class _Proc:
-    def __init__(self, role: str, num_blocks: int) -> None:
+    def __init__(self, role: str, num_blocks: int, device: str) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_peer, args=(child, role, num_blocks), daemon=True)
+        self.proc = ctx.Process(target=_peer, args=(child, role, num_blocks, device), daemon=True)
         self.proc.start()
         child.close()
 
@@ -280,7 +281,9 @@ def _iters(size: int, budget_bytes: int) -> int:
     return max(3, min(300, budget_bytes // size))
 
 
-def _memcpy_s(size: int, iters: int) -> float:
+def _memcpy_s(size: int, iters: int, device: str) -> float:
+    if device != "cpu":
+        return _device_copy_s(size, iters, device)
     import numpy as np
 
     src = np.full(size, 7, dtype=np.uint8)
@@ -292,12 +295,27 @@ def _memcpy_s(size: int, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def _pair(backend: str, mode: str, num_blocks: int) -> tuple[_Proc, _Proc]:
+def _device_copy_s(size: int, iters: int, device: str) -> float:
+    """Seconds per device-to-device copy of ``size`` bytes on ``device`` (one GPU)."""
+    import torch
+
+    src = torch.full((size,), 7, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def _pair(backend: str, mode: str, num_blocks: int, device: str) -> tuple[_Proc, _Proc]:
     """A fresh (prefill, decode) pair with connected transceivers of ``backend``: a
     transport left behind by another backend (a second UCX context, old registrations)
     skews the next (NIXL READ ran 3-5x slower after UCX-direct had run in the same
     processes)."""
-    prefill, decode = _Proc("prefill", num_blocks), _Proc("decode", num_blocks)
+    prefill, decode = _Proc("prefill", num_blocks, device), _Proc("decode", num_blocks, device)
     try:
         addr = prefill.call("setup", backend.upper(), mode)
         decode.call("setup", backend.upper(), mode)
@@ -309,7 +327,7 @@ def _pair(backend: str, mode: str, num_blocks: int) -> tuple[_Proc, _Proc]:
     return prefill, decode
 
 
-def run(sizes: list[int], modes: list[str], backends: list[str], budget_bytes: int, rounds: int) -> list[Row]:
+def run(sizes: list[int], modes: list[str], backends: list[str], budget_bytes: int, rounds: int, device: str = "cpu") -> list[Row]:
     """Each cell is the best of ``rounds`` measurements, each round the transceiver then
     bare NIXL, in alternation: on a shared 2-core machine a measurement swings by 2x from
     one minute to the next, so a ratio compares only rounds taken side by side. ``ratio`` is
@@ -322,10 +340,10 @@ def run(sizes: list[int], modes: list[str], backends: list[str], budget_bytes: i
     for mode in modes:
         op = "WRITE" if mode == "push" else "READ"
         for backend in backends:
-            base = pair = _pair("nixl", mode, num_blocks)  # the bare NIXL baseline (and the NIXL transceiver)
+            base = pair = _pair("nixl", mode, num_blocks, device)  # the bare NIXL baseline (and the NIXL transceiver)
             try:
                 if backend != "nixl":
-                    pair = _pair(backend, mode, num_blocks)
+                    pair = _pair(backend, mode, num_blocks, device)
                     _trx(base[1], base[0], mode, f"meet-{mode}-{backend}", 1, 1)  # the base pair's prefill takes its peer in
                 prefill, decode = pair
                 init, target = (base[0], base[1]) if mode == "push" else (base[1], base[0])
@@ -343,7 +361,7 @@ def run(sizes: list[int], modes: list[str], backends: list[str], budget_bytes: i
                     trx_s, bare_s = min(trxs), min(bares)
                     paired = statistics.median(b / t for b, t in zip(bares, trxs, strict=True))
                     if size not in memcpy:
-                        memcpy[size] = min(_memcpy_s(size, iters) for _ in range(rounds))
+                        memcpy[size] = min(_memcpy_s(size, iters, device) for _ in range(rounds))
                     row = Row(backend, mode, size, iters, trx_s, bare_s, memcpy[size], paired, min(sources))
                     rows.append(row)
                     print(_fmt(row), flush=True)
@@ -363,7 +381,7 @@ def _fmt(r: Row) -> str:
     )
 
 
-def plot(rows: list[Row], path: Path) -> None:
+def plot(rows: list[Row], path: Path, copy_label: str = "memcpy (1 thread)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -380,7 +398,7 @@ def plot(rows: list[Row], path: Path) -> None:
         nr = [r for r in mrows if r.backend == "nixl"]
         if nr:
             ax.plot([r.size for r in nr], [r.bare_gbs for r in nr], "s--", label="bare NIXL")
-        ax.plot([r.size for r in nr or mrows], [r.memcpy_gbs for r in nr or mrows], "k:", label="memcpy (1 thread)")
+        ax.plot([r.size for r in nr or mrows], [r.memcpy_gbs for r in nr or mrows], "k:", label=copy_label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         sizes = sorted({r.size for r in mrows})
@@ -403,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", default="512M", help="bytes moved per measurement (sets the iterations)")
     ap.add_argument("--rounds", type=int, default=5, help="best of this many measurements per cell")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the plot from a transfer.json")
+    ap.add_argument("--device", default="cpu", help="where both KV regions live: cpu (DRAM) or cuda[:N] (VRAM, one GPU)")
     ap.add_argument("--out", default="bench-out", help="folder for transfer.json and transfer.png")
     a = ap.parse_args(argv)
     if a.replot:
@@ -419,9 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("UCX_NET_DEVICES", "lo")  # local benchmark: loopback (children inherit it)
     print(HEADER, flush=True)
-    rows = run(sizes, [m for m in a.modes.split(",") if m], backends, parse_size(a.budget), a.rounds)
+    print(f"KV regions in {'DRAM' if a.device == 'cpu' else f'VRAM ({a.device})'}", flush=True)
+    rows = run(sizes, [m for m in a.modes.split(",") if m], backends, parse_size(a.budget), a.rounds, a.device)
     (out / "transfer.json").write_text(json.dumps([{**asdict(r), "trx_gbs": r.trx_gbs, "bare_gbs": r.bare_gbs, "ratio": r.ratio, "added_us": r.added_us, "source_added_us": r.source_added_us, "memcpy_gbs": r.memcpy_gbs} for r in rows], indent=1))
-    plot(rows, out / "transfer.png")
+    plot(rows, out / "transfer.png", "memcpy (1 thread)" if a.device == "cpu" else "device copy (same GPU)")
     for backend in backends:
         big = [r for r in rows if r.size >= 16 * MiB and r.backend == backend]
         small = [r for r in rows if r.size == min(sizes) and r.backend == backend]

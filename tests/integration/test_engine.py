@@ -1,4 +1,5 @@
-"""The engine on the real default model (SmolLM2-135M-Instruct GGUF), float32, CPU.
+"""The engine on the real default model (SmolLM2-135M-Instruct GGUF), float32, on the test
+device (tests/device.py: CPU unless ``KVBRIDGE_TEST_DEVICE`` says cuda).
 
 Reference: Hugging Face transformers' LlamaForCausalLM loading the same GGUF file through
 its own loader (independent of ours), greedy decoding.
@@ -16,6 +17,7 @@ import torch
 from kvbridge.config import EngineConfig, default_model_path
 from kvbridge.engine.engine import LLMEngine, in_passing_thread
 from kvbridge.engine.request import FinishReason, RequestError, SamplingParams
+from tests.device import DEVICE
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +36,7 @@ GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def engine() -> LLMEngine:
-    return LLMEngine(EngineConfig(dtype="float32", kv_cache_memory_mb=256, max_num_batched_tokens=512))
+    return LLMEngine(EngineConfig(dtype="float32", kv_cache_memory_mb=256, max_num_batched_tokens=512, device=DEVICE))
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +65,14 @@ def hf_model():
     # no EOS: 32 tokens each, like ignore_eos (a generate() argument of None falls back to these)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    return model.eval()
+    return model.to(DEVICE).eval()
 
 
 def test_greedy_tokens_match_transformers(engine, prompts, hf_model):
     torch.set_num_threads(engine.config.num_threads or os.cpu_count() or 1)
     ours = [engine.generate([p], GREEDY)[0] for p in prompts[:5]]
     for p, mine in zip(prompts[:5], ours):
-        ids = torch.tensor([p])
+        ids = torch.tensor([p], device=DEVICE)
         with torch.inference_mode():
             ref = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
         assert mine == ref[0, len(p) :].tolist()
@@ -90,9 +92,10 @@ def test_bfloat16_packed_linear_layers_change_no_token(prompts, monkeypatch):
     import kvbridge.engine.engine as engine_module
     from kvbridge.engine.models.packed import packing_works
 
-    cfg = EngineConfig(dtype="bfloat16", kv_cache_memory_mb=128, max_num_batched_tokens=512, layer_backend="torch")
+    cfg = EngineConfig(dtype="bfloat16", kv_cache_memory_mb=128, max_num_batched_tokens=512, layer_backend="torch", device=DEVICE)
     packed = LLMEngine(cfg)
-    expected = 4 * packed.spec.num_layers + 1 if packing_works(torch.bfloat16) else 0  # q|k|v, o, gate|up, down; head
+    on_cpu = DEVICE == "cpu"  # oneDNN packing is for CPU; on CUDA nothing is packed
+    expected = 4 * packed.spec.num_layers + 1 if on_cpu and packing_works(torch.bfloat16) else 0  # q|k|v, o, gate|up, down; head
     assert packed.packed_linears == expected
     monkeypatch.setattr(engine_module, "pack_linears", lambda *args: 0)
     plain = LLMEngine(cfg)
@@ -106,7 +109,7 @@ def test_bfloat16_concurrent_prompts_give_the_tokens_each_gives_alone(prompts):
     """The half-precision path (grouped, chunked attention; packed products) treats every
     row alike whatever the batch: what disaggregated = aggregated output rests on, since a
     prefill worker batches a prompt with other prompts, an aggregated one with decodes."""
-    bf16 = LLMEngine(EngineConfig(dtype="bfloat16", kv_cache_memory_mb=128, max_num_batched_tokens=512))
+    bf16 = LLMEngine(EngineConfig(dtype="bfloat16", kv_cache_memory_mb=128, max_num_batched_tokens=512, device=DEVICE))
     alone = [bf16.generate([p], GREEDY)[0] for p in prompts]
     assert bf16.generate(prompts, GREEDY) == alone
     assert bf16.block_pool.num_free == bf16.block_pool.num_blocks
@@ -121,7 +124,7 @@ def test_prefix_cache_hit_gives_identical_tokens(engine, prompts):
 
 
 def test_preemption_under_a_tiny_pool_keeps_outputs_exact(prompts):
-    small = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=12, max_num_batched_tokens=256))
+    small = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=12, max_num_batched_tokens=256, device=DEVICE))
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     picked = prompts[:4]  # ~40-60 tokens each: 12 blocks of 16 cannot hold all four
     alone = [small.generate([p], params)[0] for p in picked]
