@@ -101,15 +101,20 @@ _OWN_UCX_LOGS: set[str] = set()
 UCX_CMA_SEG_SIZE = "4M"
 
 
-def ucx_copy_defaults() -> dict[str, str]:
+def ucx_copy_defaults(cuda: bool = False) -> dict[str, str]:
     """UCX options kvbridge sets unless the user did (environment ``UCX_<name>``); UCX reads
     them when a context is created. ``CMA_SEG_SIZE``: UCX's cma transport (same-host
     transfers) copies at most this much per ``process_vm_writev``/``readv`` call and per
     progress call; UCX's 512K meant 32 calls, each pinning its pages, for 16 MiB. At 4M bare
     NIXL moved 16 MiB in ~0.95-1.0 ms instead of ~1.05 and 64 MiB in ~4.7 ms instead of ~5.1
-    (2-core VM, huge pages). The NIXL backend gets them through the environment, UCX-direct
-    in its context's options."""
+    (2-core VM, huge pages). ``CUDA_IPC_ENABLE_GET_ZCOPY`` (KV in VRAM only): UCX's "auto"
+    turns cuda_ipc reads off on GPUs with no active NVLink, and a READ of VRAM (pull mode)
+    then falls back to software emulation over tcp: 0.5-0.6 GB/s on one H100, against
+    ~1 TB/s for a cuda_ipc WRITE between two processes on the same GPU. The NIXL backend
+    gets them through the environment, UCX-direct in its context's options."""
     wanted = {"CMA_SEG_SIZE": UCX_CMA_SEG_SIZE}
+    if cuda:
+        wanted["CUDA_IPC_ENABLE_GET_ZCOPY"] = "y"
     for name, value in wanted.items():
         os.environ.setdefault(f"UCX_{name}", value)
     return {name: os.environ[f"UCX_{name}"] for name in wanted}

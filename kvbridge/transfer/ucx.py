@@ -150,7 +150,7 @@ class UcxTransceiver(LifecycleTransceiver):
         self.ucxx_version = getattr(ucxx, "__version__", "?")
         # UCX's own option (not an environment read): lets cma carry RMA on endpoints with
         # error handling PEER (see the module docstring)
-        self._context = ucx_api.UCXContext(config_dict={"CMA_MEMORY_INVALIDATE": "y", **ucx_copy_defaults()})
+        self._context = ucx_api.UCXContext(config_dict={"CMA_MEMORY_INVALIDATE": "y", **ucx_copy_defaults(kv.is_cuda)})
         self.worker = ucx_api.UCXWorker(self._context)
         self.worker.init_blocking_progress_mode()  # wait() sleeps on the worker's event fd
         self.agent_name = f"{name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

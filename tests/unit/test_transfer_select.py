@@ -144,3 +144,19 @@ def test_ucx_copy_defaults_keep_what_the_user_set(monkeypatch):
     assert os.environ["UCX_CMA_SEG_SIZE"] == "4M"  # NIXL's UCX reads the environment
     monkeypatch.setenv("UCX_CMA_SEG_SIZE", "1M")
     assert config.ucx_copy_defaults() == {"CMA_SEG_SIZE": "1M"}
+
+
+def test_ucx_copy_defaults_let_cuda_ipc_read_vram(monkeypatch):
+    """KV in VRAM: cuda_ipc reads are on (UCX's "auto" turns them off on GPUs without
+    NVLink, and a pull of VRAM then crawls over tcp); a user's value stays, and KV in host
+    memory leaves the option alone."""
+    from kvbridge import config
+
+    monkeypatch.delenv("UCX_CMA_SEG_SIZE", raising=False)
+    monkeypatch.delenv("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", raising=False)
+    assert "CUDA_IPC_ENABLE_GET_ZCOPY" not in config.ucx_copy_defaults()
+    assert "UCX_CUDA_IPC_ENABLE_GET_ZCOPY" not in os.environ
+    assert config.ucx_copy_defaults(cuda=True)["CUDA_IPC_ENABLE_GET_ZCOPY"] == "y"
+    assert os.environ["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "y"
+    monkeypatch.setenv("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "n")
+    assert config.ucx_copy_defaults(cuda=True)["CUDA_IPC_ENABLE_GET_ZCOPY"] == "n"
