@@ -96,46 +96,85 @@ static inline __m512 widen16(const uint16_t *x) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
 }
 
-/* One (row, KV head): hd a multiple of 32, at most 8 query heads a group, hd <= 256. */
-static void task_avx512(const uint16_t *qb, const uint16_t *kv, const int64_t *table, int64_t L, uint16_t *ob,
-                        float *s, int64_t g, int64_t hd, int64_t bs, int64_t h, int64_t nkv, int64_t block_elems) {
+/* The largest of s[0..L) (L >= 1), in 16 lanes then sum16's tree order (max is exact in any order). */
+static inline float row_max(const float *si, int64_t L) {
+    __m512 m = _mm512_set1_ps(-__builtin_inff());
+    int64_t t = 0;
+    for (; t + 16 <= L; t += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(si + t));
+    if (t < L) m = _mm512_mask_max_ps(m, (__mmask16)((1u << (L - t)) - 1u), m, _mm512_maskz_loadu_ps((__mmask16)((1u << (L - t)) - 1u), si + t));
+    return _mm512_reduce_max_ps(m);
+}
+
+/* One (row, KV head): hd a multiple of 32, at most 8 query heads a group, hd <= 256. Inlined
+ * with hd a constant (64, 128) where it can be, so that the accumulators of the weighted sum
+ * of V stay in registers: it takes HP heads a pass (each pass reads V again), as many as 16
+ * registers hold. */
+static inline __attribute__((always_inline)) void
+task_avx512(const int64_t hd, const uint16_t *qb, const uint16_t *kv, const int64_t *table, int64_t L, uint16_t *ob,
+            float *s, int64_t g, int64_t bs, int64_t h, int64_t nkv, int64_t block_elems) {
     const int64_t nq = hd / 32; /* 32 bf16 pairs per dpbf16 */
     const int bs_shift = __builtin_ctzll((unsigned long long)bs); /* bs is a power of two */
     const int64_t bs_mask = bs - 1;
-    __m512bh qv[8][8];
-    float mx[8];
-    for (int64_t i = 0; i < g; i++) {
-        for (int64_t c = 0; c < nq; c++) qv[i][c] = (__m512bh)_mm512_loadu_si512(qb + i * hd + c * 32);
-        mx[i] = -__builtin_inff();
-    }
     for (int64_t t = 0; t < L; t++) {
         const uint16_t *k = kv + table[t >> bs_shift] * block_elems + (h * bs + (t & bs_mask)) * hd;
         __m512bh kc[8];
         for (int64_t c = 0; c < nq; c++) kc[c] = (__m512bh)_mm512_loadu_si512(k + c * 32);
         for (int64_t i = 0; i < g; i++) {
             __m512 acc = _mm512_setzero_ps();
-            for (int64_t c = 0; c < nq; c++) acc = _mm512_dpbf16_ps(acc, qv[i][c], kc[c]);
-            const float dot = sum16(acc);
-            s[i * L + t] = dot;
-            if (dot > mx[i]) mx[i] = dot;
+            for (int64_t c = 0; c < nq; c++)
+                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qb + i * hd + c * 32), kc[c]);
+            s[i * L + t] = sum16(acc);
         }
     }
     float sum[8];
-    for (int64_t i = 0; i < g; i++) sum[i] = softmax_row(s + i * L, L, mx[i]);
+    for (int64_t i = 0; i < g; i++) sum[i] = softmax_row(s + i * L, L, row_max(s + i * L, L));
     const int64_t nv = hd / 16; /* 16 floats a register */
-    __m512 acc[8][16];
-    for (int64_t i = 0; i < g; i++)
-        for (int64_t c = 0; c < nv; c++) acc[i][c] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < L; t++) {
-        const uint16_t *v = kv + table[t >> bs_shift] * block_elems + ((nkv + h) * bs + (t & bs_mask)) * hd;
-        __m512 vf[16];
-        for (int64_t c = 0; c < nv; c++) vf[c] = widen16(v + c * 16);
-        for (int64_t i = 0; i < g; i++) {
-            const __m512 p = _mm512_set1_ps(s[i * L + t]);
-            for (int64_t c = 0; c < nv; c++) acc[i][c] = _mm512_fmadd_ps(p, vf[c], acc[i][c]);
+    enum { HP_MAX = 4 };
+    const int64_t hp = nv <= 4 ? 4 : nv <= 8 ? 2 : 1; /* heads a pass: hp * nv <= 16 registers */
+    for (int64_t i0 = 0; i0 < g; i0 += hp) {
+        const int64_t np = g - i0 < hp ? g - i0 : hp;
+        __m512 acc[HP_MAX][16];
+        for (int64_t j = 0; j < hp; j++)
+            for (int64_t c = 0; c < nv; c++) acc[j][c] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < L; t++) {
+            const uint16_t *v = kv + table[t >> bs_shift] * block_elems + ((nkv + h) * bs + (t & bs_mask)) * hd;
+            __m512 p[HP_MAX];
+            for (int64_t j = 0; j < hp; j++) p[j] = _mm512_set1_ps(j < np ? s[(i0 + j) * L + t] : 0.0f);
+            for (int64_t c = 0; c < nv; c++) {
+                const __m512 vc = widen16(v + c * 16);
+                for (int64_t j = 0; j < hp; j++) acc[j][c] = _mm512_fmadd_ps(p[j], vc, acc[j][c]);
+            }
         }
+        for (int64_t j = 0; j < np; j++) store_row(ob + (i0 + j) * hd, acc[j], nv, sum[i0 + j]);
     }
-    for (int64_t i = 0; i < g; i++) store_row(ob + i * hd, acc[i], nv, sum[i]);
+}
+
+/* dst[w * 16 + l] = dword w of r[l], for w, l < 16: a 16 x 16 transpose of dwords in four
+ * rounds of shuffles (pairs, quads, 128-bit lanes twice). */
+static inline void transpose16_store(__m512i r[16], uint32_t *dst) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* t[2p]: rows 2p,2p+1 at dwords {0,1} of each 128-bit lane; t[2p+1]: at dwords {2,3} */
+    for (int i = 0; i < 16; i += 4) {
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);     /* rows i..i+3, dword 0 of each lane */
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]); /* dword 1 */
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]); /* dword 2 */
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]); /* dword 3 */
+    }
+    /* u[4a + d]: rows 4a..4a+3 of dwords d, 4+d, 8+d, 12+d (one per 128-bit lane) */
+    for (int d = 0; d < 4; d++) {
+        const __m512i v0 = _mm512_shuffle_i32x4(u[d], u[4 + d], 0x88);      /* dwords d, 8+d: rows 0-3, 4-7 */
+        const __m512i v1 = _mm512_shuffle_i32x4(u[d], u[4 + d], 0xdd);      /* dwords 4+d, 12+d */
+        const __m512i v2 = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], 0x88); /* rows 8-11, 12-15 */
+        const __m512i v3 = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], 0xdd);
+        _mm512_storeu_si512(dst + d * 16, _mm512_shuffle_i32x4(v0, v2, 0x88));
+        _mm512_storeu_si512(dst + (8 + d) * 16, _mm512_shuffle_i32x4(v0, v2, 0xdd));
+        _mm512_storeu_si512(dst + (4 + d) * 16, _mm512_shuffle_i32x4(v1, v3, 0x88));
+        _mm512_storeu_si512(dst + (12 + d) * 16, _mm512_shuffle_i32x4(v1, v3, 0xdd));
+    }
 }
 
 /* Rows r of one request and one KV head (a prompt's tokens), the same arithmetic as
@@ -156,16 +195,19 @@ run_avx512(const int HD, const uint16_t *q, const int64_t *lens, int64_t n, cons
     const int64_t tiles = (Lmax + 15) / 16;
     for (int64_t j = 0; j < tiles; j++) {
         uint32_t *kj = kt + j * W * 16;
-        for (int64_t l = 0; l < 16; l++) {
-            const int64_t t = j * 16 + l;
-            if (t < Lmax) {
-                const uint32_t *k = (const uint32_t *)(kv + table[t >> bs_shift] * block_elems + (h * bs + (t & bs_mask)) * HD);
-                const uint16_t *v = kv + table[t >> bs_shift] * block_elems + ((nkv + h) * bs + (t & bs_mask)) * HD;
-                for (int w = 0; w < W; w++) kj[w * 16 + l] = k[w];
-                for (int c = 0; c < HD / 16; c++) _mm512_storeu_ps(vf + t * HD + c * 16, widen16(v + c * 16));
-            } else {
-                for (int w = 0; w < W; w++) kj[w * 16 + l] = 0;
+        for (int q16 = 0; q16 < W / 16; q16++) { /* dword pairs q16*16 .. +15 of the 16 keys */
+            __m512i r[16];
+            for (int64_t l = 0; l < 16; l++) {
+                const int64_t t = j * 16 + l;
+                r[l] = t < Lmax ? _mm512_loadu_si512(kv + table[t >> bs_shift] * block_elems + (h * bs + (t & bs_mask)) * HD + q16 * 32)
+                                : _mm512_setzero_si512();
             }
+            transpose16_store(r, kj + q16 * 16 * 16);
+        }
+        for (int64_t l = 0; l < 16 && j * 16 + l < Lmax; l++) {
+            const int64_t t = j * 16 + l;
+            const uint16_t *v = kv + table[t >> bs_shift] * block_elems + ((nkv + h) * bs + (t & bs_mask)) * HD;
+            for (int c = 0; c < HD / 16; c++) _mm512_storeu_ps(vf + t * HD + c * 16, widen16(v + c * 16));
         }
     }
     for (int64_t r = 0; r < n; r++) {
@@ -320,8 +362,16 @@ int paged_attention_bf16(const uint16_t *q, const uint16_t *kv, const int64_t *t
                 const uint16_t *qb = q + (b * nkv + h) * g * hd;
                 uint16_t *ob = out + (b * nkv + h) * g * hd;
 #ifdef HAVE_AVX512_BF16
+                if (hd == 64 && g <= 8) { /* hd a constant: registers */
+                    task_avx512(64, qb, kv, table, lens[b], ob, s, g, bs, h, nkv, block_elems);
+                    continue;
+                }
+                if (hd == 128 && g <= 8) {
+                    task_avx512(128, qb, kv, table, lens[b], ob, s, g, bs, h, nkv, block_elems);
+                    continue;
+                }
                 if (hd % 32 == 0 && g <= 8) {
-                    task_avx512(qb, kv, table, lens[b], ob, s, g, hd, bs, h, nkv, block_elems);
+                    task_avx512(hd, qb, kv, table, lens[b], ob, s, g, bs, h, nkv, block_elems);
                     continue;
                 }
 #endif
