@@ -10,9 +10,12 @@
  * tile or the thread: a row gives the same bits alone as in any batch, at 1 row as at 2000.
  *
  * Tiles of rows x 16-output blocks keep their accumulators in registers: 4x4 for up to 4 rows,
- * 8x2 for up to 8 (a decode step: the weights stream once, each load used by every row),
- * 12x2 for more (a prompt: blocks of 8 x 16 outputs whose weights stay in L2 while all rows
- * pass). Threads split output blocks (few rows) or (block group, row tile) pairs (many rows).
+ * 8x4 for up to 16 (a decode step: the weights stream once, each load used by up to 8 rows;
+ * rows 9-16 take a second 8-row tile over the same blocks while they are in cache), 12x2 for
+ * more (a prompt: blocks of 8 x 16 outputs whose weights stay in L2 while all rows pass).
+ * Threads split output blocks (up to 16 rows) or (block group, row tile) pairs (more rows).
+ * 8x4 against 8x2 and 12x2, the default model's products streamed from memory on a 2-core
+ * Zen 4 VM: 8 rows 11.9 -> 11.2 ms, 12 rows 14.6 -> 12.4 ms, 16 rows 17.9 -> 16.0 ms.
  */
 #include <stdint.h>
 
@@ -47,7 +50,7 @@
 
 TILE(4, 4)
 TILE(4, 1)
-TILE(8, 2)
+TILE(8, 4)
 TILE(8, 1)
 TILE(12, 2)
 TILE(12, 1)
@@ -63,7 +66,7 @@ TILE(12, 1)
     }
 
 SPAN(4, 4)
-SPAN(8, 2)
+SPAN(8, 4)
 SPAN(12, 2)
 
 int linear_bf16_available(void) {
@@ -78,13 +81,17 @@ int linear_bf16(const uint16_t *x, const uint16_t *w, const float *bias, uint16_
                 int64_t K, int nthreads) {
     if (K % 2 || M < 0 || N <= 0) return 1;
     const int64_t nblocks = (N + 15) / 16;
-    if (M <= 8) {
-        const int64_t NB = M <= 4 ? 4 : 2, groups = (nblocks + NB - 1) / NB;
+    if (M <= 16) {
+        const int64_t NB = 4, groups = (nblocks + NB - 1) / NB;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t g = 0; g < groups; g++) {
             int64_t b0 = g * NB, nb = nblocks - b0 < NB ? nblocks - b0 : NB;
-            if (M <= 4) span_4(x, K, w, bias, y, N, b0, nb, M);
-            else span_8(x, K, w, bias, y, N, b0, nb, M);
+            if (M <= 4) {
+                span_4(x, K, w, bias, y, N, b0, nb, M);
+            } else {
+                span_8(x, K, w, bias, y, N, b0, nb, M < 8 ? M : 8);
+                if (M > 8) span_8(x + 8 * K, K, w, bias, y + 8 * N, N, b0, nb, M - 8);
+            }
         }
         return 0;
     }
