@@ -70,6 +70,7 @@ class Row:
     memcpy_s: float
     paired_ratio: float = float("nan")  # median over rounds of bare / transceiver, each round side by side
     source_s: float = float("nan")  # seconds per transfer to the source's DONE (pull: one notification later)
+    device: str = "cpu"  # where both KV regions were; memcpy_s is a device copy on a GPU
 
     @property
     def trx_gbs(self) -> float:
@@ -362,7 +363,7 @@ def run(sizes: list[int], modes: list[str], backends: list[str], budget_bytes: i
                     paired = statistics.median(b / t for b, t in zip(bares, trxs, strict=True))
                     if size not in memcpy:
                         memcpy[size] = min(_memcpy_s(size, iters, device) for _ in range(rounds))
-                    row = Row(backend, mode, size, iters, trx_s, bare_s, memcpy[size], paired, min(sources))
+                    row = Row(backend, mode, size, iters, trx_s, bare_s, memcpy[size], paired, min(sources), device)
                     rows.append(row)
                     print(_fmt(row), flush=True)
             finally:
@@ -381,7 +382,7 @@ def _fmt(r: Row) -> str:
     )
 
 
-def plot(rows: list[Row], path: Path, copy_label: str = "memcpy (1 thread)") -> None:
+def plot(rows: list[Row], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,6 +399,7 @@ def plot(rows: list[Row], path: Path, copy_label: str = "memcpy (1 thread)") -> 
         nr = [r for r in mrows if r.backend == "nixl"]
         if nr:
             ax.plot([r.size for r in nr], [r.bare_gbs for r in nr], "s--", label="bare NIXL")
+        copy_label = "memcpy (1 thread)" if mrows[0].device == "cpu" else "device copy (same GPU)"
         ax.plot([r.size for r in nr or mrows], [r.memcpy_gbs for r in nr or mrows], "k:", label=copy_label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -441,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"KV regions in {'DRAM' if a.device == 'cpu' else f'VRAM ({a.device})'}", flush=True)
     rows = run(sizes, [m for m in a.modes.split(",") if m], backends, parse_size(a.budget), a.rounds, a.device)
     (out / "transfer.json").write_text(json.dumps([{**asdict(r), "trx_gbs": r.trx_gbs, "bare_gbs": r.bare_gbs, "ratio": r.ratio, "added_us": r.added_us, "source_added_us": r.source_added_us, "memcpy_gbs": r.memcpy_gbs} for r in rows], indent=1))
-    plot(rows, out / "transfer.png", "memcpy (1 thread)" if a.device == "cpu" else "device copy (same GPU)")
+    plot(rows, out / "transfer.png")
     for backend in backends:
         big = [r for r in rows if r.size >= 16 * MiB and r.backend == backend]
         small = [r for r in rows if r.size == min(sizes) and r.backend == backend]

@@ -96,12 +96,15 @@ static inline __m512 widen16(const uint16_t *x) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
 }
 
-/* The largest of s[0..L) (L >= 1), in 16 lanes then sum16's tree order (max is exact in any order). */
+/* The largest of s[0..L) (L >= 1); max is exact, so its order does not matter. */
 static inline float row_max(const float *si, int64_t L) {
     __m512 m = _mm512_set1_ps(-__builtin_inff());
     int64_t t = 0;
     for (; t + 16 <= L; t += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(si + t));
-    if (t < L) m = _mm512_mask_max_ps(m, (__mmask16)((1u << (L - t)) - 1u), m, _mm512_maskz_loadu_ps((__mmask16)((1u << (L - t)) - 1u), si + t));
+    if (t < L) {
+        const __mmask16 mask = (__mmask16)((1u << (L - t)) - 1u);
+        m = _mm512_mask_max_ps(m, mask, m, _mm512_maskz_loadu_ps(mask, si + t));
+    }
     return _mm512_reduce_max_ps(m);
 }
 
@@ -362,16 +365,10 @@ int paged_attention_bf16(const uint16_t *q, const uint16_t *kv, const int64_t *t
                 const uint16_t *qb = q + (b * nkv + h) * g * hd;
                 uint16_t *ob = out + (b * nkv + h) * g * hd;
 #ifdef HAVE_AVX512_BF16
-                if (hd == 64 && g <= 8) { /* hd a constant: registers */
-                    task_avx512(64, qb, kv, table, lens[b], ob, s, g, bs, h, nkv, block_elems);
-                    continue;
-                }
-                if (hd == 128 && g <= 8) {
-                    task_avx512(128, qb, kv, table, lens[b], ob, s, g, bs, h, nkv, block_elems);
-                    continue;
-                }
-                if (hd % 32 == 0 && g <= 8) {
-                    task_avx512(hd, qb, kv, table, lens[b], ob, s, g, bs, h, nkv, block_elems);
+                if (hd % 32 == 0 && g <= 8) { /* 64 and 128 as constants: accumulators in registers */
+                    if (hd == 64) task_avx512(64, qb, kv, table, lens[b], ob, s, g, bs, h, nkv, block_elems);
+                    else if (hd == 128) task_avx512(128, qb, kv, table, lens[b], ob, s, g, bs, h, nkv, block_elems);
+                    else task_avx512(hd, qb, kv, table, lens[b], ob, s, g, bs, h, nkv, block_elems);
                     continue;
                 }
 #endif
