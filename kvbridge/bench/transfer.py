@@ -21,7 +21,8 @@ each size, after warm-up:
     memcpy        one thread, numpy copy of the same number of bytes, in this process;
                   with ``--device cuda`` a device-to-device copy (cudaMemcpy) on that GPU
 
-A round's time per transfer is the median of its transfers, the same for the transceiver
+Each side runs on a core of its own (``--no-pin``: wherever the scheduler puts it), the
+transceiver and bare NIXL alike. A round's time per transfer is the median of its transfers, the same for the transceiver
 and bare NIXL: on a shared VM one transfer preempted for a few ms moves a mean of 32 by
 more than the transceiver's whole overhead.
 
@@ -100,7 +101,9 @@ class Row:
 # --------------------------------------------------------------------------- peer process
 
 
-def _peer(conn: Any, role: str, num_blocks: int, device: str) -> None:
+def _peer(conn: Any, role: str, num_blocks: int, device: str, cpu: int | None = None) -> None:
+    if cpu is not None:  # its own core: the scheduler moving a copy onto its peer's core
+        os.sched_setaffinity(0, {cpu})  # made whole rounds 1.5x slower, now one side, now the other
     import torch
 
     from kvbridge.config import CacheTransceiverConfig
@@ -216,11 +219,21 @@ def _bare_target(t: Any, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
+def peer_cpus(pin: bool) -> dict[str, int | None]:
+    """The core each side runs on: with ``pin`` and two cores or more, prefill on the first
+    this process may use and decode on the second (as ``kvbridge serve`` gives each worker
+    cores of its own); else wherever the scheduler puts them."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2:
+        return {"prefill": None, "decode": None}
+    return {"prefill": cpus[0], "decode": cpus[1]}
+
+
 class _Proc:
-    def __init__(self, role: str, num_blocks: int, device: str) -> None:
+    def __init__(self, role: str, num_blocks: int, device: str, cpu: int | None = None) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_peer, args=(child, role, num_blocks, device), daemon=True)
+        self.proc = ctx.Process(target=_peer, args=(child, role, num_blocks, device, cpu), daemon=True)
         self.proc.start()
         child.close()
 
@@ -311,12 +324,12 @@ def _device_copy_s(size: int, iters: int, device: str) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def _pair(backend: str, mode: str, num_blocks: int, device: str) -> tuple[_Proc, _Proc]:
+def _pair(backend: str, mode: str, num_blocks: int, device: str, cpus: dict[str, int | None]) -> tuple[_Proc, _Proc]:
     """A fresh (prefill, decode) pair with connected transceivers of ``backend``: a
     transport left behind by another backend (a second UCX context, old registrations)
     skews the next (NIXL READ ran 3-5x slower after UCX-direct had run in the same
     processes)."""
-    prefill, decode = _Proc("prefill", num_blocks, device), _Proc("decode", num_blocks, device)
+    prefill, decode = _Proc("prefill", num_blocks, device, cpus["prefill"]), _Proc("decode", num_blocks, device, cpus["decode"])
     try:
         addr = prefill.call("setup", backend.upper(), mode)
         decode.call("setup", backend.upper(), mode)
@@ -328,7 +341,7 @@ def _pair(backend: str, mode: str, num_blocks: int, device: str) -> tuple[_Proc,
     return prefill, decode
 
 
-def run(sizes: list[int], modes: list[str], backends: list[str], budget_bytes: int, rounds: int, device: str = "cpu") -> list[Row]:
+def run(sizes: list[int], modes: list[str], backends: list[str], budget_bytes: int, rounds: int, device: str = "cpu", pin: bool = True) -> list[Row]:
     """Each cell is the best of ``rounds`` measurements, each round the transceiver then
     bare NIXL, in alternation: on a shared 2-core machine a measurement swings by 2x from
     one minute to the next, so a ratio compares only rounds taken side by side. ``ratio`` is
@@ -336,15 +349,16 @@ def run(sizes: list[int], modes: list[str], backends: list[str], budget_bytes: i
     unlucky round alone does not move. Bare NIXL
     runs on its own NIXL pair, alive beside the backend's (idle, blocked on its pipe)."""
     num_blocks = -(-max(sizes) // REQ_UNIT)
+    cpus = peer_cpus(pin)
     rows: list[Row] = []
     memcpy: dict[int, float] = {}
     for mode in modes:
         op = "WRITE" if mode == "push" else "READ"
         for backend in backends:
-            base = pair = _pair("nixl", mode, num_blocks, device)  # the bare NIXL baseline (and the NIXL transceiver)
+            base = pair = _pair("nixl", mode, num_blocks, device, cpus)  # the bare NIXL baseline (and the NIXL transceiver)
             try:
                 if backend != "nixl":
-                    pair = _pair(backend, mode, num_blocks, device)
+                    pair = _pair(backend, mode, num_blocks, device, cpus)
                     _trx(base[1], base[0], mode, f"meet-{mode}-{backend}", 1, 1)  # the base pair's prefill takes its peer in
                 prefill, decode = pair
                 init, target = (base[0], base[1]) if mode == "push" else (base[1], base[0])
@@ -421,9 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="push,pull")
     ap.add_argument("--backends", default="", help="nixl,ucx (default: every one that loads)")
     ap.add_argument("--budget", default="512M", help="bytes moved per measurement (sets the iterations)")
-    ap.add_argument("--rounds", type=int, default=5, help="best of this many measurements per cell")
+    ap.add_argument("--rounds", type=int, default=9, help="best of this many measurements per cell")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the plot from a transfer.json")
     ap.add_argument("--device", default="cpu", help="where both KV regions live: cpu (DRAM) or cuda[:N] (VRAM, one GPU)")
+    ap.add_argument("--no-pin", action="store_true", help="let the scheduler place both sides (default: each on its own core)")
     ap.add_argument("--out", default="bench-out", help="folder for transfer.json and transfer.png")
     a = ap.parse_args(argv)
     if a.replot:
@@ -440,8 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("UCX_NET_DEVICES", "lo")  # local benchmark: loopback (children inherit it)
     print(HEADER, flush=True)
-    print(f"KV regions in {'DRAM' if a.device == 'cpu' else f'VRAM ({a.device})'}", flush=True)
-    rows = run(sizes, [m for m in a.modes.split(",") if m], backends, parse_size(a.budget), a.rounds, a.device)
+    cpus = peer_cpus(not a.no_pin)
+    where = f"prefill on core {cpus['prefill']}, decode on core {cpus['decode']}" if cpus["prefill"] is not None else "not pinned"
+    print(f"KV regions in {'DRAM' if a.device == 'cpu' else f'VRAM ({a.device})'}; {where}", flush=True)
+    rows = run(sizes, [m for m in a.modes.split(",") if m], backends, parse_size(a.budget), a.rounds, a.device, not a.no_pin)
     (out / "transfer.json").write_text(json.dumps([{**asdict(r), "trx_gbs": r.trx_gbs, "bare_gbs": r.bare_gbs, "ratio": r.ratio, "added_us": r.added_us, "source_added_us": r.source_added_us, "memcpy_gbs": r.memcpy_gbs} for r in rows], indent=1))
     plot(rows, out / "transfer.png")
     for backend in backends:
