@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kvbridge.engine import native
+from kvbridge.engine.attention import AttentionBatch, token_rows, write_kv
 from kvbridge.engine.models.llama import RMSNorm, Rotary
 
 OPS = native.load().elementwise
@@ -59,6 +60,29 @@ def test_rope_matches_torch_and_leaves_v_alone():
     OPS.rope_(out, nh + nkv, hd, *tables)
     assert torch.equal(out[:, : (nh + nkv) * hd].view(T, nh + nkv, hd), ref)
     assert torch.equal(out[:, (nh + nkv) * hd :], qkv[:, (nh + nkv) * hd :])
+
+
+def test_rope_store_gives_what_rope_scale_and_write_kv_give():
+    """The fused call = rope_, then q * scale and write_kv (torch), bit for bit: q, and the
+    cache with the new tokens' K|V in their (scattered) slots and every other slot as it was."""
+    T, nh, nkv, hd, bs, num_blocks = 21, 9, 3, 64, 16, 40
+    rot = Rotary(hd, 10000.0, 512, torch.device("cpu"))
+    tables = rot.tables(torch.randint(0, 512, (T,), generator=GEN), torch.bfloat16)
+    qkv = rand(T, (nh + 2 * nkv) * hd, scale=3)
+    slots = torch.randperm(num_blocks * bs, generator=GEN)[:T]  # any block, any offset
+    rows = token_rows(slots // bs, slots % bs, nkv, bs)
+    batch = AttentionBatch(torch.zeros(T, dtype=torch.long), rows, torch.arange(T), torch.arange(T), None, None)
+    cache = rand(num_blocks, 2, nkv, bs, hd)
+    scale = hd**-0.5 * 1.1  # not a power of two: q * scale rounds
+    ref_cache, rotated = cache.clone(), qkv.clone()
+    OPS.rope_(rotated, nh + nkv, hd, *tables)
+    q, k, v = (part.view(T, -1, hd) for part in rotated.split((nh * hd, nkv * hd, nkv * hd), dim=-1))
+    write_kv(ref_cache, k, v, batch)
+    before = qkv.clone()
+    out = OPS.rope_store(qkv, nh, nkv, hd, *tables, scale, cache, rows)
+    assert torch.equal(out, q * scale)
+    assert torch.equal(cache, ref_cache)
+    assert torch.equal(qkv, before)
 
 
 def test_each_row_gives_the_same_bits_alone():

@@ -6,7 +6,8 @@
 Tokens of all requests in a step are flattened into one batch of T tokens; only attention
 needs to know which token belongs to which request (``AttentionBatch``). With ``ops`` set
 (``LlamaModel.use_native_ops``: bfloat16 on CPU), RMSNorm with its residual add, RoPE and
-SiLU(gate)·up run as one native call each (engine/native/elementwise.c), same roundings.
+SiLU(gate)·up run as one native call each (engine/native/elementwise.c), same roundings;
+with the native attention kernel too, RoPE, q's scaling and the K/V store are one call.
 Notation: T tokens, D hidden, nh query heads, nkv KV heads, hd head dim.
 """
 
@@ -85,6 +86,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_layer: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)
+        if self.ops is not None and batch.native is not None:  # the native kernel reads K/V from the cache only
+            q = self.ops.rope_store(qkv, self.nh, self.nkv, self.hd, *rope, self.scale, kv_layer, batch.write_rows)
+            out = batch.native(q, kv_layer, batch.tables, batch.lens, batch.max_len, batch.row_table)
+            return self.o_proj(out.view(T, self.nh * self.hd))
         if self.ops is not None:  # q and k are neighbours in the fused projection: one rotation for both
             self.ops.rope_(qkv, self.nh + self.nkv, self.hd, *rope)
             q, k, v = (part.view(T, -1, self.hd) for part in qkv.split(self.split, dim=-1))

@@ -210,6 +210,26 @@ class ElementwiseOps:
         T = x.shape[0]
         self.lib.rope_bf16(x.data_ptr(), x.stride(0), cos.data_ptr(), signed_sin.data_ptr(), T, heads, head_dim, torch.get_num_threads())
 
+    def rope_store(
+        self, qkv: torch.Tensor, nh: int, nkv: int, head_dim: int, cos: torch.Tensor, signed_sin: torch.Tensor, scale: float,
+        kv_layer: torch.Tensor, rows: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """One call for what a layer does between its q|k|v product and attention: RoPE on q
+        and k, q times ``scale``, k and v into the cache (``attention.write_kv``'s rows, int64).
+        qkv (T, (nh + 2 nkv) hd), rows contiguous inside, is left as it was → q (T, nh, hd),
+        the same bits as ``rope_``, ``q * scale`` and ``write_kv`` give."""
+        T = qkv.shape[0]
+        if qkv.stride(-1) != 1 or qkv.shape[1] != (nh + 2 * nkv) * head_dim or head_dim > 512 or head_dim % 2:
+            raise ValueError(f"rope_store_bf16: unsupported layout (head dim {head_dim}, shape {tuple(qkv.shape)}, strides {qkv.stride()})")
+        if rows.dtype != torch.int64 or rows.numel() != T * 2 * nkv or not kv_layer.is_contiguous():
+            raise ValueError(f"rope_store_bf16: {rows.numel()} {rows.dtype} cache rows for {T} tokens of {nkv} KV heads")
+        q = torch.empty(T, nh, head_dim, dtype=qkv.dtype)
+        self.lib.rope_store_bf16(
+            qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), signed_sin.data_ptr(), T, nh, nkv, head_dim, scale,
+            q.data_ptr(), kv_layer.data_ptr(), rows.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return q
+
 
 @dataclass(frozen=True)
 class Kernels:
@@ -234,6 +254,7 @@ def load() -> Kernels:
         "rmsnorm_bf16": (None, [c_ptr] * 5 + [c_i64, c_i64, ctypes.c_float, c_int]),
         "silu_mul_bf16": (None, [c_ptr, c_ptr, c_i64, c_i64, c_int]),
         "rope_bf16": (None, [c_ptr, c_i64, c_ptr, c_ptr, c_i64, c_i64, c_i64, c_int]),
+        "rope_store_bf16": (None, [c_ptr, c_i64, c_ptr, c_ptr] + [c_i64] * 4 + [ctypes.c_float, c_ptr, c_ptr, c_ptr, c_int]),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)

@@ -65,23 +65,49 @@ void silu_mul_bf16(const uint16_t *gu, uint16_t *out, int64_t T, int64_t I, int 
     }
 }
 
+/* One head of hd rotated from src into dst (may be src): x*cos + (x2, x1)*sin, each product
+ * and the sum rounded to bf16, as torch computes it. cos and sin: the token's hd values. */
+static inline void rotate_head(const uint16_t *src, uint16_t *dst, const uint16_t *c, const uint16_t *s, int64_t hd) {
+    const int64_t half = hd / 2;
+    float a[512];
+    for (int64_t i = 0; i < hd; i++) a[i] = bf16_to_f32(src[i]);
+    for (int64_t i = 0; i < half; i++)
+        dst[i] = f32_to_bf16(round_bf16(a[i] * bf16_to_f32(c[i])) + round_bf16(a[i + half] * bf16_to_f32(s[i])));
+    for (int64_t i = half; i < hd; i++)
+        dst[i] = f32_to_bf16(round_bf16(a[i] * bf16_to_f32(c[i])) + round_bf16(a[i - half] * bf16_to_f32(s[i])));
+}
+
 /* RoPE in place on H heads of hd per token; row t starts at x + t * stride. cos and sin
- * (T, hd) bf16, sin's first half negated (models/llama.py, Rotary): x*cos + (x2, x1)*sin,
- * each product and the sum rounded to bf16, as torch computes it. hd <= 512. */
+ * (T, hd) bf16, sin's first half negated (models/llama.py, Rotary). hd <= 512. */
 void rope_bf16(uint16_t *x, int64_t stride, const uint16_t *cos, const uint16_t *sin, int64_t T, int64_t H,
                int64_t hd, int nthreads) {
-    const int64_t half = hd / 2;
 #pragma omp parallel for num_threads(nthreads) if (T * H * hd >= PARALLEL_FROM) schedule(static)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < H; h++) rotate_head(x + t * stride + h * hd, x + t * stride + h * hd, cos + t * hd, sin + t * hd, hd);
+}
+
+/* A step's fused q|k|v rows (row t at qkv + t * stride: nh q heads, nkv k heads, nkv v heads)
+ * into what attention reads: q rotated, then times ``scale`` (rounded to bf16 after each, as
+ * torch's rope and ``q * scale`` round), into q_out (T, nh * hd); k rotated and v as it is
+ * into the paged cache, head j of K|V of token t at row rows[t * 2 * nkv + j] (rows of hd
+ * values, as attention.py's ``write_kv`` stores them). qkv is left as it was. hd <= 512. */
+void rope_store_bf16(const uint16_t *qkv, int64_t stride, const uint16_t *cos, const uint16_t *sin, int64_t T,
+                     int64_t nh, int64_t nkv, int64_t hd, float scale, uint16_t *q_out, uint16_t *cache,
+                     const int64_t *rows, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (T * (nh + 2 * nkv) * hd >= PARALLEL_FROM) schedule(static)
     for (int64_t t = 0; t < T; t++) {
-        const uint16_t *c = cos + t * hd, *s = sin + t * hd;
-        for (int64_t h = 0; h < H; h++) {
-            uint16_t *v = x + t * stride + h * hd;
-            float a[512];
-            for (int64_t i = 0; i < hd; i++) a[i] = bf16_to_f32(v[i]);
-            for (int64_t i = 0; i < half; i++)
-                v[i] = f32_to_bf16(round_bf16(a[i] * bf16_to_f32(c[i])) + round_bf16(a[i + half] * bf16_to_f32(s[i])));
-            for (int64_t i = half; i < hd; i++)
-                v[i] = f32_to_bf16(round_bf16(a[i] * bf16_to_f32(c[i])) + round_bf16(a[i - half] * bf16_to_f32(s[i])));
+        const uint16_t *row = qkv + t * stride, *c = cos + t * hd, *s = sin + t * hd;
+        uint16_t *q = q_out + t * nh * hd;
+        for (int64_t h = 0; h < nh * hd; h += hd) {
+            rotate_head(row + h, q + h, c, s, hd);
+            for (int64_t i = h; i < h + hd; i++) q[i] = f32_to_bf16(bf16_to_f32(q[i]) * scale);
+        }
+        const int64_t *r = rows + t * 2 * nkv;
+        for (int64_t j = 0; j < nkv; j++) {
+            rotate_head(row + (nh + j) * hd, cache + r[j] * hd, c, s, hd);
+            const uint16_t *v = row + (nh + nkv + j) * hd;
+            uint16_t *dst = cache + r[nkv + j] * hd;
+            for (int64_t i = 0; i < hd; i++) dst[i] = v[i];
         }
     }
 }
