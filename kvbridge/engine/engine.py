@@ -22,6 +22,7 @@ from kvbridge.engine.host_memory import keep_freed_memory, release_freed_memory
 from kvbridge.engine.kv_cache import TORCH_DTYPES, KVCache, KVLayout, num_blocks_for_memory
 from kvbridge.engine.model_runner import ModelRunner
 from kvbridge.engine.models.llama import LlamaModel, Rotary
+from kvbridge.engine.models.native_layers import NativeLayers
 from kvbridge.engine.models.packed import native_linears, pack_linears, pad_small_batches
 from kvbridge.engine.output import OutputState, emit, token_stop
 from kvbridge.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
@@ -182,6 +183,8 @@ class LLMEngine:
         self.block_pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_pool, config.max_num_seqs, config.max_num_batched_tokens)
         self.native = resolve_attention(config.attention_backend, self.dtype_name, device)
+        if self.native is not None and kernel is not None:  # every part of a layer is native: one call a layer
+            self.model.native_layers = NativeLayers.for_model(self.model, native.load().lib)
         self.runner = ModelRunner(self.model, self.kv_cache, self.native)
         self._outputs: dict[str, OutputState] = {}
         self._held: dict[str, Request] = {}  # finished hold_kv requests whose blocks await a transfer

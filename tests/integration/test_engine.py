@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from kvbridge.config import EngineConfig, default_model_path
+from kvbridge.engine import native
 from kvbridge.engine.engine import LLMEngine, in_passing_thread
 from kvbridge.engine.request import FinishReason, RequestError, SamplingParams
 from tests.device import DEVICE
@@ -105,13 +106,51 @@ def test_bfloat16_packed_linear_layers_change_no_token(prompts, monkeypatch):
         assert e.block_pool.num_free == e.block_pool.num_blocks
 
 
-def test_bfloat16_concurrent_prompts_give_the_tokens_each_gives_alone(prompts):
+@pytest.fixture(scope="module")
+def bf16() -> LLMEngine:
+    return LLMEngine(EngineConfig(dtype="bfloat16", kv_cache_memory_mb=128, max_num_batched_tokens=512, device=DEVICE))
+
+
+def test_bfloat16_concurrent_prompts_give_the_tokens_each_gives_alone(bf16, prompts):
     """The half-precision path (grouped, chunked attention; packed products) treats every
     row alike whatever the batch: what disaggregated = aggregated output rests on, since a
     prefill worker batches a prompt with other prompts, an aggregated one with decodes."""
-    bf16 = LLMEngine(EngineConfig(dtype="bfloat16", kv_cache_memory_mb=128, max_num_batched_tokens=512, device=DEVICE))
     alone = [bf16.generate([p], GREEDY)[0] for p in prompts]
     assert bf16.generate(prompts, GREEDY) == alone
+    assert bf16.block_pool.num_free == bf16.block_pool.num_blocks
+
+
+def test_bfloat16_one_native_call_a_layer_gives_the_bits_of_the_layer_by_parts(bf16, prompts):
+    """Where products, element-wise ops and attention are all native (bfloat16 on a CPU with
+    AVX512-BF16), a layer runs as one native call (models/native_layers.py): the tokens and
+    logprobs of prompts and decodes in mixed steps are those of the layer run part by part,
+    and the per-layer hook still runs after every layer."""
+    on_native = DEVICE == "cpu" and native.load().linear.available == 1
+    layers = bf16.model.native_layers
+    assert (layers is not None) == on_native
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=True)
+
+    def run(tag: str) -> tuple[dict[str, tuple[list[int], list[float]]], int, int]:
+        calls, steps, got = [], 0, {}
+        for i, p in enumerate(prompts):
+            bf16.add_request(f"{tag}-{i}", p, params)
+        while bf16.has_unfinished_requests():
+            for out in bf16.step(lambda: calls.append(1)):
+                ids, lps = got.setdefault(out.request_id.split("-")[1], ([], []))
+                ids.extend(out.new_token_ids)
+                lps.extend(out.new_logprobs or [])
+            steps += 1
+        return got, len(calls), steps
+
+    whole, calls, steps = run("whole")
+    bf16.model.native_layers = None
+    try:
+        parts, _, _ = run("parts")
+    finally:
+        bf16.model.native_layers = layers
+    assert whole == parts
+    assert sum(len(lps) for _, lps in whole.values()) == len(prompts) * 24
+    assert calls == steps * bf16.model.spec.num_layers
     assert bf16.block_pool.num_free == bf16.block_pool.num_blocks
 
 

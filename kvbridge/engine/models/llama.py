@@ -7,13 +7,15 @@ Tokens of all requests in a step are flattened into one batch of T tokens; only 
 needs to know which token belongs to which request (``AttentionBatch``). With ``ops`` set
 (``LlamaModel.use_native_ops``: bfloat16 on CPU), RMSNorm with its residual add, RoPE and
 SiLU(gate)·up run as one native call each (engine/native/elementwise.c), same roundings;
-with the native attention kernel too, RoPE, q's scaling and the K/V store are one call.
+with the native attention kernel too, RoPE, q's scaling and the K/V store are one call, and
+with native products as well a whole layer is one call (``native_layers.py``, same bits).
 Notation: T tokens, D hidden, nh query heads, nkv KV heads, hd head dim.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,9 @@ from kvbridge.engine.attention import AttentionBatch, paged_attention, write_kv
 from kvbridge.engine.models.packed import Linear
 from kvbridge.engine.models.spec import ModelSpec
 from kvbridge.engine.native import ElementwiseOps
+
+if TYPE_CHECKING:
+    from kvbridge.engine.models.native_layers import NativeLayers
 
 
 class RMSNorm(nn.Module):
@@ -147,6 +152,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rope = Rotary(spec.head_dim, spec.rope_theta, max_len, device)
+        self.native_layers: NativeLayers | None = None  # set where every part of a layer runs natively
         self.requires_grad_(False)
 
     @torch.inference_mode()
@@ -157,10 +163,13 @@ class LlamaModel(nn.Module):
         ``between_layers`` runs after each layer."""
         x = self.embed_tokens(input_ids)  # (T, D)
         rope = self.rope.tables(batch.positions, x.dtype)
-        for layer, kv_layer in zip(self.layers, kv_layers):
-            x = layer(x, rope, kv_layer, batch)
-            if between_layers is not None:
-                between_layers()
+        if self.native_layers is not None and batch.native is not None:  # the same kernels, one call a layer
+            x = self.native_layers.run(x, rope, kv_layers, batch, between_layers)
+        else:
+            for layer, kv_layer in zip(self.layers, kv_layers):
+                x = layer(x, rope, kv_layer, batch)
+                if between_layers is not None:
+                    between_layers()
         x = self.norm(x[batch.logits_indices])  # (N, D)
         return self.lm_head(x).float()
 

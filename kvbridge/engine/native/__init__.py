@@ -236,6 +236,7 @@ class Kernels:
     paged_attention: PagedAttention
     linear: LinearKernel
     elementwise: ElementwiseOps
+    lib: ctypes.CDLL  # the library itself (models/native_layers.py binds its layer call)
 
 
 @cache
@@ -259,4 +260,4 @@ def load() -> Kernels:
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
-    return Kernels(PagedAttention(lib.paged_attention_bf16, lib.paged_attention_scratch), LinearKernel(lib.linear_bf16, lib.linear_bf16_available()), ElementwiseOps(lib))
+    return Kernels(PagedAttention(lib.paged_attention_bf16, lib.paged_attention_scratch), LinearKernel(lib.linear_bf16, lib.linear_bf16_available()), ElementwiseOps(lib), lib)
