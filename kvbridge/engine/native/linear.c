@@ -97,7 +97,9 @@ int linear_bf16(const uint16_t *x, const uint16_t *w, const float *bias, uint16_
     }
     const int64_t CH = 8, MR = 12;
     const int64_t chunks = (nblocks + CH - 1) / CH, tiles = (M + MR - 1) / MR;
-#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    /* dynamic: a prefill worker shares its cores with a decode worker on a small machine, and a
+     * thread whose core is taken should not hold back the rest (each tile's sums stay the same) */
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t c = 0; c < chunks; c++)
         for (int64_t t = 0; t < tiles; t++) {
             int64_t b0 = c * CH, nb = nblocks - b0 < CH ? nblocks - b0 : CH;
