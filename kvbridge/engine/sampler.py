@@ -12,7 +12,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], li
     the logprob of each chosen token under the model's own distribution."""
     greedy = all(r.params.greedy for r in requests)
     if greedy:
-        tokens = logits.argmax(dim=-1).tolist()
+        tokens = argmax_rows(logits)
     else:
         tokens = [_sample_one(logits[i], r) for i, r in enumerate(requests)]
     logprobs: list[float | None] = [None] * len(requests)
@@ -24,10 +24,19 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], li
     return tokens, logprobs
 
 
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """The first index of each row's largest value (a NaN counts as largest), as torch's
+    ``argmax``; on CPU by numpy, whose argmax is vectorized: 8 rows of the default model's
+    49152 logits took 287 µs in torch (1 row 47 µs), 25 µs in numpy (1 row 4.5 µs)."""
+    if logits.device.type == "cpu":
+        return logits.numpy().argmax(axis=-1).tolist()
+    return logits.argmax(dim=-1).tolist()
+
+
 def _sample_one(row: torch.Tensor, req: Request) -> int:
     p = req.params
     if p.greedy:
-        return int(row.argmax())
+        return argmax_rows(row[None])[0]
     row = row / p.temperature
     if p.top_k > 0 and p.top_k < row.numel():
         kth = torch.topk(row, p.top_k).values[-1]
