@@ -194,9 +194,10 @@ class LLMEngine:
         self.load_seconds = time.perf_counter() - t0
         log.info(
             "engine ready: model=%s dtype=%s device=%s layers=%d kv_blocks=%d x %d tokens (%.0f MiB%s) threads=%d "
-            "linear=%s attention=%s load=%.1fs",
+            "linear=%s attention=%s layer=%s load=%.1fs",
             self.model_name, self.dtype_name, device, spec.num_layers, num_blocks, config.block_size,
-            self.layout.total_bytes / 2**20, ", huge pages" if self.kv_cache.huge_pages else "", threads, self.linear_kind, "native" if self.native else "torch", self.load_seconds,
+            self.layout.total_bytes / 2**20, ", huge pages" if self.kv_cache.huge_pages else "", threads, self.linear_kind,
+            "native" if self.native else "torch", "one native call" if self.model.native_layers else "by parts", self.load_seconds,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ requests
