@@ -10,6 +10,7 @@ tables, RoPE tables, work space) once per step, for every layer.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -87,7 +88,10 @@ class NativeLayers:
                 return None
         return cls(model, lib)
 
-    def run(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_layers: list[torch.Tensor], batch: AttentionBatch, between_layers) -> torch.Tensor:  # noqa: ANN001
+    def run(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_layers: list[torch.Tensor], batch: AttentionBatch,
+        between_layers: Callable[[], None] | None,
+    ) -> torch.Tensor:  # fmt: skip
         """x (T, D) bf16 → the last layer's output (x is overwritten); batch.native must be set."""
         D, nh, nkv, hd, inter = self.shape
         T = x.shape[0]
@@ -105,8 +109,11 @@ class NativeLayers:
         ref, xp = ctypes.byref(step), x.data_ptr()
         for weights, kv_layer in zip(self.weights, kv_layers, strict=True):
             rc = self.fn(ctypes.byref(weights), ref, xp, kv_layer.data_ptr())
+            if rc == 3:
+                raise MemoryError("native decoder layer: attention is out of memory")
             if rc != 0:
-                raise RuntimeError(f"native decoder layer failed (code {rc}; T={T}, max_len={batch.max_len})")
+                what = "a product" if rc == 1 else "attention"
+                raise ValueError(f"native decoder layer: {what} cannot run this shape ({T} rows, {batch.max_len} tokens, {nh}/{nkv} heads of {hd})")
             if between_layers is not None:
                 between_layers()
         return x

@@ -53,8 +53,9 @@ int64_t layer_work_elems(int64_t T, int64_t D, int64_t nh, int64_t nkv, int64_t 
     return T * (4 * D + (nh + 2 * nkv) * hd + 2 * nh * hd + 3 * I);
 }
 
-/* x (T, D) in place: x becomes the layer's output. kv: this layer's cache. 0, or the
- * failing kernel's code (the layer is then half done: the step must fail). */
+/* x (T, D) in place: x becomes the layer's output. kv: this layer's cache. Returns 0; or 1
+ * when a product refuses its shape, 2 when attention does, 3 when attention is out of memory
+ * (the layer is then half done: the step must fail). */
 int decoder_layer_bf16(const struct layer_weights *w, const struct layer_step *s, uint16_t *x, uint16_t *kv) {
     const int64_t T = s->T, D = s->D, I = s->I, hd = s->hd, nq = s->nh * hd;
     const int64_t nqkv = (s->nh + 2 * s->nkv) * hd;
@@ -62,16 +63,16 @@ int decoder_layer_bf16(const struct layer_weights *w, const struct layer_step *s
     uint16_t *h = a + T * D, *m = h + T * D, *gu = m + T * D, *act = gu + T * 2 * I;
     int rc;
     rmsnorm_bf16(x, 0, 0, w->norm_in, n, T, D, s->eps, s->nthreads);
-    if ((rc = linear_bf16(n, w->qkv, w->qkv_bias, qkv, T, nqkv, D, s->nthreads))) return rc;
+    if (linear_bf16(n, w->qkv, w->qkv_bias, qkv, T, nqkv, D, s->nthreads)) return 1;
     rope_store_bf16(qkv, nqkv, s->cos, s->sin, T, s->nh, s->nkv, hd, s->scale, q, kv, s->rows, s->nthreads);
     rc = paged_attention_bf16(q, kv, s->tables, s->lens, s->row_table, o, s->scratch, T, s->nkv, s->nh / s->nkv, hd,
                               s->bs, s->width, s->max_len, s->nthreads);
-    if (rc) return 100 + rc;
-    if ((rc = linear_bf16(o, w->o, 0, a, T, D, nq, s->nthreads))) return rc;
+    if (rc) return rc == -2 ? 3 : 2;
+    if (linear_bf16(o, w->o, 0, a, T, D, nq, s->nthreads)) return 1;
     rmsnorm_bf16(x, a, h, w->norm_post, m, T, D, s->eps, s->nthreads);
-    if ((rc = linear_bf16(m, w->gate_up, 0, gu, T, 2 * I, D, s->nthreads))) return rc;
+    if (linear_bf16(m, w->gate_up, 0, gu, T, 2 * I, D, s->nthreads)) return 1;
     silu_mul_bf16(gu, act, T, I, s->nthreads);
-    if ((rc = linear_bf16(act, w->down, 0, a, T, D, I, s->nthreads))) return rc;
+    if (linear_bf16(act, w->down, 0, a, T, D, I, s->nthreads)) return 1;
     for (int64_t i = 0; i < T * D; i++) x[i] = f32_to_bf16(bf16_to_f32(h[i]) + bf16_to_f32(a[i])); /* torch's bf16 add */
     return 0;
 }
