@@ -154,12 +154,15 @@ def test_bfloat16_one_native_call_a_layer_gives_the_bits_of_the_layer_by_parts(b
     assert bf16.block_pool.num_free == bf16.block_pool.num_blocks
 
 
-def test_prefix_cache_hit_gives_identical_tokens(engine, prompts):
-    first = engine.generate([prompts[0]], GREEDY)[0]
-    hits_before = engine.stats().prefix_cache_hit_tokens
-    second = engine.generate([prompts[0]], GREEDY)[0]
-    assert engine.stats().prefix_cache_hit_tokens > hits_before
+@pytest.mark.parametrize("which", ["engine", "bf16"])  # float32; bfloat16 (native layers where they run)
+def test_prefix_cache_hit_gives_identical_tokens(which, prompts, request):
+    e = request.getfixturevalue(which)
+    first = e.generate([prompts[0]], GREEDY)[0]
+    hits_before = e.stats().prefix_cache_hit_tokens
+    second = e.generate([prompts[0]], GREEDY)[0]
+    assert e.stats().prefix_cache_hit_tokens > hits_before
     assert first == second
+    assert e.block_pool.num_free == e.block_pool.num_blocks
 
 
 def test_preemption_under_a_tiny_pool_keeps_outputs_exact(prompts):
