@@ -22,8 +22,8 @@ each size, after warm-up:
                   with ``--device cuda`` a device-to-device copy (cudaMemcpy) on that GPU
 
 Each side runs on a core of its own (``--no-pin``: wherever the scheduler puts it), the
-transceiver and bare NIXL alike. A round's time per transfer is the median of its transfers, the same for the transceiver
-and bare NIXL: on a shared VM one transfer preempted for a few ms moves a mean of 32 by
+transceiver and bare NIXL alike. A round's time per transfer is the median of its transfers,
+the same for both: on a shared VM one transfer preempted for a few ms moves a mean of 32 by
 more than the transceiver's whole overhead.
 
 Prints a table (GB/s, ratios, µs added per transfer), writes JSON and a PNG plot.
@@ -341,7 +341,10 @@ def _pair(backend: str, mode: str, num_blocks: int, device: str, cpus: dict[str,
     return prefill, decode
 
 
-def run(sizes: list[int], modes: list[str], backends: list[str], budget_bytes: int, rounds: int, device: str = "cpu", pin: bool = True) -> list[Row]:
+def run(
+    sizes: list[int], modes: list[str], backends: list[str], budget_bytes: int, rounds: int, device: str = "cpu",
+    cpus: dict[str, int | None] | None = None,
+) -> list[Row]:  # fmt: skip
     """Each cell is the best of ``rounds`` measurements, each round the transceiver then
     bare NIXL, in alternation: on a shared 2-core machine a measurement swings by 2x from
     one minute to the next, so a ratio compares only rounds taken side by side. ``ratio`` is
@@ -349,7 +352,7 @@ def run(sizes: list[int], modes: list[str], backends: list[str], budget_bytes: i
     unlucky round alone does not move. Bare NIXL
     runs on its own NIXL pair, alive beside the backend's (idle, blocked on its pipe)."""
     num_blocks = -(-max(sizes) // REQ_UNIT)
-    cpus = peer_cpus(pin)
+    cpus = cpus or peer_cpus(pin=True)  # ``peer_cpus``: where each side runs
     rows: list[Row] = []
     memcpy: dict[int, float] = {}
     for mode in modes:
@@ -458,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     cpus = peer_cpus(not a.no_pin)
     where = f"prefill on core {cpus['prefill']}, decode on core {cpus['decode']}" if cpus["prefill"] is not None else "not pinned"
     print(f"KV regions in {'DRAM' if a.device == 'cpu' else f'VRAM ({a.device})'}; {where}", flush=True)
-    rows = run(sizes, [m for m in a.modes.split(",") if m], backends, parse_size(a.budget), a.rounds, a.device, not a.no_pin)
+    rows = run(sizes, [m for m in a.modes.split(",") if m], backends, parse_size(a.budget), a.rounds, a.device, cpus)
     (out / "transfer.json").write_text(json.dumps([{**asdict(r), "trx_gbs": r.trx_gbs, "bare_gbs": r.bare_gbs, "ratio": r.ratio, "added_us": r.added_us, "source_added_us": r.source_added_us, "memcpy_gbs": r.memcpy_gbs} for r in rows], indent=1))
     plot(rows, out / "transfer.png")
     for backend in backends:

@@ -184,7 +184,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_pool, config.max_num_seqs, config.max_num_batched_tokens)
         self.native = resolve_attention(config.attention_backend, self.dtype_name, device)
         if self.native is not None and kernel is not None:  # every part of a layer is native: one call a layer
-            self.model.native_layers = NativeLayers.for_model(self.model, native.load().lib)
+            self.model.native_layers = NativeLayers.for_model(self.model, native.load())
         self.runner = ModelRunner(self.model, self.kv_cache, self.native)
         self._outputs: dict[str, OutputState] = {}
         self._held: dict[str, Request] = {}  # finished hold_kv requests whose blocks await a transfer

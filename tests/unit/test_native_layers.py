@@ -58,7 +58,7 @@ def test_one_call_a_layer_gives_the_logits_and_cache_of_the_layer_by_parts():
         assert resolve_linear("auto", "bfloat16", torch.device("cpu"), [SPEC.hidden_size]) is None
         return
     m = model()
-    layers = NativeLayers.for_model(m, KERNELS.lib)
+    layers = NativeLayers.for_model(m, KERNELS)
     assert layers is not None
     tables = [[5, 2, 9], [0, 7]]
     steps = [

@@ -17,6 +17,7 @@ import torch
 
 from kvbridge.engine.attention import AttentionBatch
 from kvbridge.engine.models.packed import NativeLinear
+from kvbridge.engine.native import Kernels, data_ptr
 
 if TYPE_CHECKING:
     from kvbridge.engine.models.llama import LlamaModel
@@ -44,20 +45,14 @@ class _Step(ctypes.Structure):  # struct layer_step
     ]
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 class NativeLayers:
     """``run(x, rope, kv_layers, batch, between_layers)`` for a model whose layers all run
     natively; ``for_model`` says whether they do (else None: the model keeps its Python path)."""
 
-    def __init__(self, model: LlamaModel, lib: ctypes.CDLL) -> None:
+    def __init__(self, model: LlamaModel, kernels: Kernels) -> None:
         spec = model.spec
-        self.fn, self.work_elems, self.scratch_floats = lib.decoder_layer_bf16, lib.layer_work_elems, lib.paged_attention_scratch
-        self.fn.restype, self.fn.argtypes = ctypes.c_int, [ctypes.POINTER(_Weights), ctypes.POINTER(_Step), _p, _p]
-        self.work_elems.restype, self.work_elems.argtypes = _i64, [_i64] * 6
-        self.scratch_floats.restype, self.scratch_floats.argtypes = _i64, [_i64] * 3
+        self.fn, self.work_elems = kernels.lib.decoder_layer_bf16, kernels.lib.layer_work_elems  # typed by native.load()
+        self.scratch_floats = kernels.paged_attention.scratch_floats
         self.shape = (spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.intermediate_size)
         self.eps, self.scale = spec.rms_norm_eps, model.layers[0].self_attn.scale
         self._keep = model  # the weights the pointers point into
@@ -68,12 +63,12 @@ class NativeLayers:
                 _Weights(
                     layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                     a.qkv_proj.packed.data_ptr(), a.o_proj.packed.data_ptr(),
-                    mlp.gate_up_proj.packed.data_ptr(), mlp.down_proj.packed.data_ptr(), _ptr(a.qkv_proj.bias),
+                    mlp.gate_up_proj.packed.data_ptr(), mlp.down_proj.packed.data_ptr(), data_ptr(a.qkv_proj.bias),
                 )  # fmt: skip
             )
 
     @classmethod
-    def for_model(cls, model: LlamaModel, lib: ctypes.CDLL) -> NativeLayers | None:
+    def for_model(cls, model: LlamaModel, kernels: Kernels) -> NativeLayers | None:
         """NativeLayers when every product is a ``NativeLinear`` and the element-wise ops are
         native, on contiguous bfloat16 weights; else None."""
         for layer in model.layers:
@@ -86,7 +81,7 @@ class NativeLayers:
                 return None
             if not all(w.dtype == torch.bfloat16 and w.is_contiguous() for w in norms):
                 return None
-        return cls(model, lib)
+        return cls(model, kernels)
 
     def run(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_layers: list[torch.Tensor], batch: AttentionBatch,
@@ -103,7 +98,7 @@ class NativeLayers:
         assert batch.tables is not None and batch.lens is not None
         step = _Step(
             D, nh, nkv, hd, inter, self.eps, self.scale, T, cos.data_ptr(), sin.data_ptr(),
-            batch.write_rows.data_ptr(), batch.tables.data_ptr(), batch.lens.data_ptr(), _ptr(batch.row_table),
+            batch.write_rows.data_ptr(), batch.tables.data_ptr(), batch.lens.data_ptr(), data_ptr(batch.row_table),
             kv_layers[0].shape[3], batch.tables.shape[1], batch.max_len, work.data_ptr(), scratch.data_ptr(), threads,
         )  # fmt: skip
         ref, xp = ctypes.byref(step), x.data_ptr()

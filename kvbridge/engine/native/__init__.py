@@ -99,7 +99,8 @@ def build() -> Path:
     return lib
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
+def data_ptr(t: torch.Tensor | None) -> int | None:
+    """A tensor's address for a C call; None (NULL) for no tensor."""
     return None if t is None else t.data_ptr()
 
 
@@ -124,7 +125,7 @@ class PagedAttention:
         threads = torch.get_num_threads()
         scratch = torch.empty(threads * self.scratch_floats(nh // nkv, hd, max_len), dtype=torch.float32)
         rc = self.fn(
-            q.data_ptr(), kv_layer.data_ptr(), tables.data_ptr(), lens.data_ptr(), _ptr(row_table), out.data_ptr(),
+            q.data_ptr(), kv_layer.data_ptr(), tables.data_ptr(), lens.data_ptr(), data_ptr(row_table), out.data_ptr(),
             scratch.data_ptr(), B, nkv, nh // nkv, hd, bs, tables.shape[1], max_len, threads,
         )  # fmt: skip
         if rc == -2:
@@ -152,7 +153,7 @@ class LinearKernel:
             raise ValueError(f"linear_bf16: {K} inputs for a weight packed for {packed.shape[1] * 2}")
         out = torch.empty(M, out_features, dtype=torch.bfloat16)
         rc = self.fn(
-            x.data_ptr(), packed.data_ptr(), _ptr(bias), out.data_ptr(),
+            x.data_ptr(), packed.data_ptr(), data_ptr(bias), out.data_ptr(),
             M, out_features, K, torch.get_num_threads(),
         )  # fmt: skip
         if rc != 0:
@@ -191,7 +192,7 @@ class ElementwiseOps:
     def _rmsnorm(self, x: torch.Tensor, add: torch.Tensor | None, h: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)
         D = x.shape[-1]
-        self.lib.rmsnorm_bf16(x.data_ptr(), _ptr(add), _ptr(h), weight.data_ptr(), out.data_ptr(), x.numel() // D, D, eps, torch.get_num_threads())
+        self.lib.rmsnorm_bf16(x.data_ptr(), data_ptr(add), data_ptr(h), weight.data_ptr(), out.data_ptr(), x.numel() // D, D, eps, torch.get_num_threads())
         return out
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -236,7 +237,7 @@ class Kernels:
     paged_attention: PagedAttention
     linear: LinearKernel
     elementwise: ElementwiseOps
-    lib: ctypes.CDLL  # the library itself (models/native_layers.py binds its layer call)
+    lib: ctypes.CDLL  # the library itself, its functions typed (models/native_layers.py calls the layer ones)
 
 
 @cache
@@ -256,6 +257,8 @@ def load() -> Kernels:
         "silu_mul_bf16": (None, [c_ptr, c_ptr, c_i64, c_i64, c_int]),
         "rope_bf16": (None, [c_ptr, c_i64, c_ptr, c_ptr, c_i64, c_i64, c_i64, c_int]),
         "rope_store_bf16": (None, [c_ptr, c_i64, c_ptr, c_ptr] + [c_i64] * 4 + [ctypes.c_float, c_ptr, c_ptr, c_ptr, c_int]),
+        "layer_work_elems": (c_i64, [c_i64] * 6),
+        "decoder_layer_bf16": (c_int, [c_ptr] * 4),  # its two structs by reference (models/native_layers.py)
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
