@@ -108,6 +108,19 @@ static inline float row_max(const float *si, int64_t L) {
     return _mm512_reduce_max_ps(m);
 }
 
+/* Ask for ``bytes`` at ``p`` (one head's K or V in one block, a few KiB) to be brought into
+ * the cache before they are read. A decode row's blocks lie anywhere in the KV region, so
+ * the hardware prefetcher, which follows a stream within a page, cannot run ahead of the
+ * next block; this pulls it in while the current one is computed. Always inlined: the hint
+ * must be a constant where _mm_prefetch is expanded (else GCC drops the prefetch). */
+static inline __attribute__((always_inline)) void prefetch_span(const uint16_t *p, int64_t bytes, int hint) {
+    const char *c = (const char *)p;
+    if (hint == 0)
+        for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+    else
+        for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
+}
+
 /* One (row, KV head): hd a multiple of 32, at most 8 query heads a group, hd <= 256. Inlined
  * with hd a constant (64, 128) where it can be, so that the accumulators of the weighted sum
  * of V stay in registers: it takes HP heads a pass (each pass reads V again), as many as 16
@@ -118,7 +131,15 @@ task_avx512(const int64_t hd, const uint16_t *qb, const uint16_t *kv, const int6
     const int64_t nq = hd / 32; /* 32 bf16 pairs per dpbf16 */
     const int bs_shift = __builtin_ctzll((unsigned long long)bs); /* bs is a power of two */
     const int64_t bs_mask = bs - 1;
+    const int64_t span = bs * hd * 2, blocks = (L + bs - 1) >> bs_shift; /* one head's K (or V) in a block */
+    const int64_t k_at = h * bs * hd, v_at = (nkv + h) * bs * hd;
+    if (blocks) prefetch_span(kv + table[0] * block_elems + k_at, span, 0);
     for (int64_t t = 0; t < L; t++) {
+        if ((t & bs_mask) == 0) { /* a new block: the next one's K to L1, this one's V to L2 for the pass over V */
+            const int64_t j = t >> bs_shift;
+            if (j + 1 < blocks) prefetch_span(kv + table[j + 1] * block_elems + k_at, span, 0);
+            prefetch_span(kv + table[j] * block_elems + v_at, span, 1);
+        }
         const uint16_t *k = kv + table[t >> bs_shift] * block_elems + (h * bs + (t & bs_mask)) * hd;
         __m512bh kc[8];
         for (int64_t c = 0; c < nq; c++) kc[c] = (__m512bh)_mm512_loadu_si512(k + c * 32);
@@ -140,6 +161,8 @@ task_avx512(const int64_t hd, const uint16_t *qb, const uint16_t *kv, const int6
         for (int64_t j = 0; j < hp; j++)
             for (int64_t c = 0; c < nv; c++) acc[j][c] = _mm512_setzero_ps();
         for (int64_t t = 0; t < L; t++) {
+            if ((t & bs_mask) == 0 && (t >> bs_shift) + 1 < blocks)
+                prefetch_span(kv + table[(t >> bs_shift) + 1] * block_elems + v_at, span, 0);
             const uint16_t *v = kv + table[t >> bs_shift] * block_elems + ((nkv + h) * bs + (t & bs_mask)) * hd;
             __m512 p[HP_MAX];
             for (int64_t j = 0; j < hp; j++) p[j] = _mm512_set1_ps(j < np ? s[(i0 + j) * L + t] : 0.0f);
