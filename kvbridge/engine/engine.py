@@ -165,9 +165,9 @@ class LLMEngine:
         kernel = resolve_linear(config.layer_backend, self.dtype_name, device, inputs)
         self.packed_linears = 0  # oneDNN-packed
         if kernel is not None:
-            native_linears(model, kernel)
+            _, huge = native_linears(model, kernel)
             model.use_native_ops(native.load().elementwise)
-            self.linear_kind = "native"
+            self.linear_kind = "native (weights on huge pages)" if huge else "native"
         else:
             self.packed_linears = pack_linears(model, dtype, device)
             self.linear_kind = "onednn-packed" if self.packed_linears else "torch"

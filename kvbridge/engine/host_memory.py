@@ -14,15 +14,23 @@ mmap threshold) come from the heap, and the heap is trimmed only past 1 GiB free
 UCX reads the same two variables when it replaces malloc (its ``ucm`` allocator, where it
 does), so they are also put into the environment before any UCX context starts. A value
 the user set in the environment wins.
+
+Large long-lived host buffers (the KV region, the packed weights) come from ``host_region``:
+an anonymous mapping advised for transparent huge pages.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import os
 
+import torch
+
 log = logging.getLogger("kvbridge.engine.host_memory")
+
+HUGE_PAGE = 2 << 20
 
 # mallopt(3) parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -62,3 +70,23 @@ def release_freed_memory() -> bool:
     for the default model. Returns whether any memory was released."""
     malloc_trim = _glibc("malloc_trim")
     return malloc_trim is not None and bool(malloc_trim(0))
+
+
+def host_region(nbytes: int) -> tuple[bool, torch.Tensor]:
+    """``nbytes`` of zeroed host memory as a uint8 tensor, 2 MiB aligned, on transparent huge
+    pages when the kernel grants the advice; (advice taken, tensor). The tensor keeps the
+    mapping alive; its pages are touched here, so they are in place before first use (a
+    transfer, a product)."""
+    mm = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared would be shmem: no THP
+    raw = torch.frombuffer(mm, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE  # the mapping is page aligned: so is ``start``
+    advised = False
+    if hasattr(mmap, "MADV_HUGEPAGE") and nbytes >= HUGE_PAGE:
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE, start, nbytes - nbytes % HUGE_PAGE)
+            advised = True
+        except OSError:  # THP off ("never") or not built in: small pages
+            pass
+    region = raw[start : start + nbytes]
+    region.zero_()  # fault every page in now (as huge pages where advised)
+    return advised, region

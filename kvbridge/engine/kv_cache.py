@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import mmap
 from dataclasses import asdict, dataclass
 
 import torch
 
-HUGE_PAGE = 2 << 20
+from kvbridge.engine.host_memory import host_region
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -118,25 +117,6 @@ class KVCache:
     def block_bytes_view(self, layer: int, block: int) -> torch.Tensor:
         start = self.layout.offset(layer, block)
         return self.as_bytes()[start : start + self.layout.block_bytes]
-
-
-def host_region(nbytes: int) -> tuple[bool, torch.Tensor]:
-    """``nbytes`` of zeroed host memory as a uint8 tensor, 2 MiB aligned, on transparent huge
-    pages when the kernel grants the advice; (advice taken, tensor). The tensor keeps the
-    mapping alive; its pages are touched here, so they are in place before any transfer."""
-    mm = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared would be shmem: no THP
-    raw = torch.frombuffer(mm, dtype=torch.uint8)
-    start = -raw.data_ptr() % HUGE_PAGE  # the mapping is page aligned: so is ``start``
-    advised = False
-    if hasattr(mmap, "MADV_HUGEPAGE") and nbytes >= HUGE_PAGE:
-        try:
-            mm.madvise(mmap.MADV_HUGEPAGE, start, nbytes - nbytes % HUGE_PAGE)
-            advised = True
-        except OSError:  # THP off ("never") or not built in: small pages
-            pass
-    region = raw[start : start + nbytes]
-    region.zero_()  # fault every page in now (as huge pages where advised), not during a transfer
-    return advised, region
 
 
 def num_blocks_for_memory(memory_mb: int, num_layers: int, num_kv_heads: int, block_size: int, head_dim: int, dtype: str) -> int:

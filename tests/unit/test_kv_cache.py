@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from kvbridge.engine.kv_cache import HUGE_PAGE, KVCache, KVLayout, host_region
+from kvbridge.engine.host_memory import HUGE_PAGE, host_region
+from kvbridge.engine.kv_cache import KVCache, KVLayout
 
 
 def _thp_mode() -> str:

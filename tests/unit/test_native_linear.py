@@ -10,7 +10,7 @@ import torch
 from kvbridge.config import ConfigError, EngineConfig
 from kvbridge.engine import native
 from kvbridge.engine.engine import resolve_linear
-from kvbridge.engine.models.packed import NativeLinear
+from kvbridge.engine.models.packed import NativeLinear, native_linears
 
 KERNEL = native.load().linear
 
@@ -61,6 +61,32 @@ def test_a_row_gives_the_same_bits_in_any_batch(n, k, bias):
         assert torch.equal(lin(x[:m]), whole[:m]), m
     for i in range(40):
         assert torch.equal(lin(x[i : i + 1])[0], whole[i]), i
+
+
+def test_a_model_s_weights_are_packed_side_by_side_into_one_region_with_the_same_bits():
+    """native_linears packs every layer's weights into one (huge-page) region, in the order the
+    layers run, each 64-byte aligned; products equal those of weights packed on their own."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(576, 96, True), (1152, 576, False), (40, 1152, True)]  # (out, in, bias), a chain
+    model = torch.nn.Sequential(*(torch.nn.Linear(k, n, bias=b).bfloat16() for n, k, b in shapes))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    alone = [NativeLinear(m.weight, m.bias, KERNEL) for m in model]
+    count, _ = native_linears(model, KERNEL)
+    assert count == 3 and all(isinstance(m, NativeLinear) for m in model)
+    addresses = [m.packed.data_ptr() for m in model]
+    assert all(a % 64 == 0 for a in addresses) and addresses == sorted(addresses)
+    for m, lone in zip(model, alone):
+        assert torch.equal(m.packed, lone.packed)
+        assert m.packed.untyped_storage().data_ptr() == model[0].packed.untyped_storage().data_ptr()  # one region
+    x = torch.randn(9, 96, generator=gen).bfloat16()
+    if refused_here(alone[0], x):
+        return
+    y, want = x, x
+    for m, lone in zip(model, alone):
+        y, want = m(y), lone(want)
+    assert torch.equal(y, want)
 
 
 def test_rows_of_another_dtype_or_width_are_refused():

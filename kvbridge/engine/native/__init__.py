@@ -161,16 +161,25 @@ class LinearKernel:
         return out
 
 
-def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+def packed_linear_bytes(n: int, k: int) -> int:
+    """Bytes of ``pack_linear_weight`` of an (n, k) weight."""
+    return -(-n // 16) * 16 * k * 2
+
+
+def pack_linear_weight(weight: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
     """(N, K) bf16 → (ceil(N/16), K/2, 16, 2): for each block of 16 outputs and each pair of
-    inputs, the 16 outputs' two weights side by side (``linear.c``); N padded with zeros."""
+    inputs, the 16 outputs' two weights side by side (``linear.c``); N padded with zeros.
+    ``into``: uint8 memory of ``packed_linear_bytes(N, K)`` to hold it (else new memory)."""
     n, k = weight.shape
     if k % 2:
         raise ValueError(f"native linear layers need an even number of inputs, not {k}")
     blocks = -(-n // 16)
     padded = torch.zeros(blocks * 16, k, dtype=torch.bfloat16)
     padded[:n] = weight
-    return padded.view(blocks, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    packed = padded.view(blocks, 16, k // 2, 2).permute(0, 2, 1, 3)
+    if into is None:
+        return packed.contiguous()
+    return into.view(torch.bfloat16).view(blocks, k // 2, 16, 2).copy_(packed)
 
 
 @dataclass(frozen=True)
