@@ -135,15 +135,13 @@ def native_linears(model: nn.Module, kernel: LinearKernel) -> tuple[int, bool]:
     page's end and every page costs a TLB miss (a one-core read of 268 MB: 15-16 ms on small
     pages, 11 ms on huge ones, on the test VM)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    spans = [-(-packed_linear_bytes(*m.weight.shape) // 64) * 64 for m in linears]
     if not linears:
         return 0, False
+    sizes = [packed_linear_bytes(*m.weight.shape) for m in linears]
+    spans = [-(-n // 64) * 64 for n in sizes]
     huge, region = host_region(sum(spans))
-    offsets = dict(zip(map(id, linears), itertools.accumulate([0, *spans[:-1]])))
-    def make(m: nn.Linear) -> NativeLinear:  # noqa: E306
-        at = offsets[id(m)]
-        return NativeLinear(m.weight, m.bias, kernel, region[at : at + packed_linear_bytes(*m.weight.shape)])
-    return replace_linears(model, make), huge
+    slots = {id(m): region[at : at + n] for m, at, n in zip(linears, itertools.accumulate([0, *spans[:-1]]), sizes)}
+    return replace_linears(model, lambda m: NativeLinear(m.weight, m.bias, kernel, slots[id(m)])), huge
 
 
 def packing_works(dtype: torch.dtype) -> bool:

@@ -140,7 +140,7 @@ task_avx512(const int64_t hd, const uint16_t *qb, const uint16_t *kv, const int6
             if (j + 1 < blocks) prefetch_span(kv + table[j + 1] * block_elems + k_at, span, 0);
             prefetch_span(kv + table[j] * block_elems + v_at, span, 1);
         }
-        const uint16_t *k = kv + table[t >> bs_shift] * block_elems + (h * bs + (t & bs_mask)) * hd;
+        const uint16_t *k = kv + table[t >> bs_shift] * block_elems + k_at + (t & bs_mask) * hd;
         __m512bh kc[8];
         for (int64_t c = 0; c < nq; c++) kc[c] = (__m512bh)_mm512_loadu_si512(k + c * 32);
         for (int64_t i = 0; i < g; i++) {
@@ -163,7 +163,7 @@ task_avx512(const int64_t hd, const uint16_t *qb, const uint16_t *kv, const int6
         for (int64_t t = 0; t < L; t++) {
             if ((t & bs_mask) == 0 && (t >> bs_shift) + 1 < blocks)
                 prefetch_span(kv + table[(t >> bs_shift) + 1] * block_elems + v_at, span, 0);
-            const uint16_t *v = kv + table[t >> bs_shift] * block_elems + ((nkv + h) * bs + (t & bs_mask)) * hd;
+            const uint16_t *v = kv + table[t >> bs_shift] * block_elems + v_at + (t & bs_mask) * hd;
             __m512 p[HP_MAX];
             for (int64_t j = 0; j < hp; j++) p[j] = _mm512_set1_ps(j < np ? s[(i0 + j) * L + t] : 0.0f);
             for (int64_t c = 0; c < nv; c++) {
