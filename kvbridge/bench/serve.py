@@ -11,6 +11,10 @@ Workloads:
   --prompt-tokens 512,2048 --output-tokens 64        random token ids (no prefix reuse)
   --chat                                              ~200-token chat prompts, 32 output
                                                       tokens, 8 concurrent (the vLLM comparison)
+
+On a shared VM one run can differ from the next by 10-20%: ``--rounds N`` measures every
+target N times, each round on freshly started servers and the targets' order alternating,
+and reports every round and, per target and workload, the round with the median req/s.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class Result:
     prompt_tokens_mean: float = float("nan")  # as the server counted them (chat: with the template)
     transfer_share_of_ttft: float | None = None
     ttft_split_ms: dict[str, float] = field(default_factory=dict)
+    round: int = 1  # with --rounds N: which of the N rounds measured this
 
 
 # --------------------------------------------------------------------------- targets
@@ -227,16 +232,22 @@ def summarize(target: str, w: Workload, runs: list[tuple[float, float, int, int]
 # --------------------------------------------------------------------------- report
 
 
-def print_table(results: list[Result]) -> None:
-    head = f"{'target':<15} {'workload':<22} {'in tok':>6} {'ok':>4} {'fail':>4} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT ms':>8} {'KV xfer/TTFT':>12}"
+def print_table(results: list[Result], rounds: int = 1, spread: list[Result] | None = None) -> None:
+    """One row per result (its round after the target when ``rounds`` > 1); ``spread``: every
+    round's results, whose req/s are listed under each row."""
+    head = f"{'target':<17} {'workload':<22} {'in tok':>6} {'ok':>4} {'fail':>4} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT ms':>8} {'KV xfer/TTFT':>12}"
     print(head)
     print("-" * len(head))
     for r in results:
         share = f"{100 * r.transfer_share_of_ttft:.1f}%" if r.transfer_share_of_ttft is not None else "-"
-        print(f"{r.target:<15} {r.workload:<22} {r.prompt_tokens_mean:>6.0f} {r.num_ok:>4} {r.num_failed:>4} {r.req_per_s:>7.2f} {r.out_tok_per_s:>8.1f} "
+        target = f"{r.target} #{r.round}" if rounds > 1 else r.target
+        print(f"{target:<17} {r.workload:<22} {r.prompt_tokens_mean:>6.0f} {r.num_ok:>4} {r.num_failed:>4} {r.req_per_s:>7.2f} {r.out_tok_per_s:>8.1f} "
               f"{r.ttft_p50_ms:>8.0f}ms {r.ttft_p99_ms:>8.0f}ms {r.tpot_ms:>8.1f} {share:>12}")  # fmt: skip
         if r.ttft_split_ms:
-            print(" " * 16 + "TTFT split (mean ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r.ttft_split_ms.items()))
+            print(" " * 18 + "TTFT split (mean ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r.ttft_split_ms.items()))
+        if spread:
+            same = [x.req_per_s for x in spread if (x.target, x.workload) == (r.target, r.workload)]
+            print(" " * 18 + f"req/s by round: {', '.join(f'{v:.2f}' for v in same)} (min {min(same):.2f}, max {max(same):.2f})")
 
 
 def plot(results: list[Result], out: Path) -> list[Path]:
@@ -268,6 +279,42 @@ def plot(results: list[Result], out: Path) -> list[Path]:
 # --------------------------------------------------------------------------- main
 
 
+def measure(name: str, how: list[str] | str, workloads: list[Workload], out: Path, rnd: int, rounds: int) -> list[Result]:
+    """Every workload against one target: a running server's URL, or `kvbridge serve` flags
+    (started here, warmed up, and stopped by pid afterwards)."""
+    server = None
+    if isinstance(how, str):
+        url = how
+    else:
+        print(f"starting {name}: kvbridge serve {' '.join(how)}", flush=True)
+        server = Server(name if rounds == 1 else f"{name}-round{rnd}", how, out)  # its log: <name>.log
+        server.wait_ready()
+        url = server.url
+    results = []
+    try:
+        asyncio.run(run_load(url, Workload("warm-up", 4, 2, 4, 64)))
+        for w in workloads:
+            before = ttft_split(url)
+            runs, failed, seconds = asyncio.run(run_load(url, w))
+            r = summarize(name, w, runs, failed, seconds, before, ttft_split(url))
+            r.round = rnd
+            results.append(r)
+            print_table([r], rounds)
+    finally:
+        if server:
+            server.stop()
+    return results
+
+
+def median_rounds(results: list[Result]) -> list[Result]:
+    """For each (target, workload), the round whose req/s is the median (the lower of the
+    two middle ones for an even count): one measured round, not a blend of several."""
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.target, r.workload), []).append(r)
+    return [sorted(g, key=lambda r: r.req_per_s)[(len(g) - 1) // 2] for g in groups.values()]
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kvbridge bench serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--targets", default="aggregated,disaggregated", help="which to start and measure (comma list)")
@@ -280,6 +327,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="also the vLLM comparison: ~200-token chats, 32 out, 8 concurrent")
     p.add_argument("--chat-requests", type=int, default=48)
     p.add_argument("--serve-args", default="", help="extra flags for both `kvbridge serve` commands")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every target this many times, each round on freshly started servers, the "
+                        "targets' order alternating; reports each round and the median round (1)")  # fmt: skip
     p.add_argument("--out", default="bench_out/serve")
     return p.parse_args(argv)
 
@@ -298,33 +348,24 @@ def main(argv: list[str] | None = None) -> int:
     if not plans:
         for t in a.targets.split(","):
             plans.append((t, ["--aggregated", *extra] if t == "aggregated" else extra))
+    if a.rounds < 1:
+        raise SystemExit("kvbridge bench serve: --rounds must be at least 1")
     results: list[Result] = []
-    for name, how in plans:
-        server = None
-        if isinstance(how, str):
-            url = how
-        else:
-            print(f"starting {name}: kvbridge serve {' '.join(how)}", flush=True)
-            server = Server(name, how, out)
-            server.wait_ready()
-            url = server.url
-        try:
-            asyncio.run(run_load(url, Workload("warm-up", 4, 2, 4, 64)))
-            for w in workloads:
-                before = ttft_split(url)
-                runs, failed, seconds = asyncio.run(run_load(url, w))
-                r = summarize(name, w, runs, failed, seconds, before, ttft_split(url))
-                results.append(r)
-                print_table([r])
-        finally:
-            if server:
-                server.stop()
+    for rnd in range(1, a.rounds + 1):
+        if a.rounds > 1:
+            print(f"round {rnd} of {a.rounds}", flush=True)
+        for name, how in plans if rnd % 2 else plans[::-1]:  # alternate: neither target always goes first
+            results.extend(measure(name, how, workloads, out, rnd, a.rounds))
     print()
-    print_table(results)
+    print_table(results, a.rounds)
+    summary = median_rounds(results)
+    if a.rounds > 1:
+        print(f"\nmedian of {a.rounds} rounds (the round with the median req/s of each target and workload; req/s of every round):")
+        print_table(summary, spread=results)
     if a.chat:
         print(VLLM_REFERENCE)
     (out / "serve.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-    for f in plot(results, out):
+    for f in plot(summary, out):
         print("plot:", f)
     print("json:", out / "serve.json")
     return 0 if all(r.num_failed == 0 for r in results) else 1
