@@ -50,8 +50,9 @@ def test_float32_sums_rounded_once(n, k, bias):
 
 @pytest.mark.parametrize(("n", "k", "bias"), [(1152, 576, False), (40, 96, True), (200, 64, True)])
 def test_a_row_gives_the_same_bits_in_any_batch(n, k, bias):
-    """Every tile (4x4 up to 4 rows, 8x4 up to 8 and again for rows 9-16, 12x2 beyond) and the masked last block of
-    outputs (40, 200: not multiples of 16) sum each output in the same order."""
+    """Every tile (4x4 up to 4 rows, 8x4 up to 8 and again for rows 9-16, 6x4 beyond), each in its full-tile copy
+    and its copy for fewer rows, and the masked last block of outputs (40, 200: not multiples of 16) sum each
+    output in the same order."""
     lin, _, _ = layer(n, k, bias)
     x = torch.randn(40, k, generator=torch.Generator().manual_seed(2)).bfloat16()
     if refused_here(lin, x):
