@@ -203,6 +203,24 @@ static inline void transpose16_store(__m512i r[16], uint32_t *dst) {
     }
 }
 
+/* NP heads' weighted sums of V (their scores s, NP rows of L, and V widened to float32, vf)
+ * in one pass over V, each head's sum in order of t; NP and HD constants where inlined. */
+static inline __attribute__((always_inline)) void weighted_v(const int NP, const int HD, const float *s, int64_t L,
+                                                             const float *vf, uint16_t *o, const float *sum) {
+    __m512 a[4][HD / 16];
+    for (int j = 0; j < NP; j++)
+        for (int c = 0; c < HD / 16; c++) a[j][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < L; t++) {
+        __m512 p[4];
+        for (int j = 0; j < NP; j++) p[j] = _mm512_set1_ps(s[j * L + t]);
+        for (int c = 0; c < HD / 16; c++) {
+            const __m512 v = _mm512_loadu_ps(vf + t * HD + c * 16);
+            for (int j = 0; j < NP; j++) a[j][c] = _mm512_fmadd_ps(p[j], v, a[j][c]);
+        }
+    }
+    for (int j = 0; j < NP; j++) store_row(o + j * HD, a[j], HD / 16, sum[j]);
+}
+
 /* Rows r of one request and one KV head (a prompt's tokens), the same arithmetic as
  * task_avx512 for each, but each K and V read once for all the rows: K transposed by tiles of
  * 16 keys (kt: for each pair of dims w, 16 keys' pair w side by side), so that one dpbf16 with
@@ -262,28 +280,17 @@ run_avx512(const int HD, const uint16_t *q, const int64_t *lens, int64_t n, cons
             }
             sum[i] = softmax_row(si, L, _mm512_reduce_max_ps(mxv));
         }
-        /* the weighted sum of V, two heads at a time: twice the independent FMA chains per load */
-        for (int64_t i = 0; i < g; i += 2) {
-            const int two = i + 1 < g;
-            const float *s0 = s + i * L, *s1 = s + (i + two) * L;
-            __m512 a0[HD / 16], a1[HD / 16];
-            for (int c = 0; c < HD / 16; c++) a0[c] = a1[c] = _mm512_setzero_ps();
-            if (two)
-                for (int64_t t = 0; t < L; t++) {
-                    const __m512 p0 = _mm512_set1_ps(s0[t]), p1 = _mm512_set1_ps(s1[t]);
-                    for (int c = 0; c < HD / 16; c++) {
-                        const __m512 v = _mm512_loadu_ps(vf + t * HD + c * 16);
-                        a0[c] = _mm512_fmadd_ps(p0, v, a0[c]);
-                        a1[c] = _mm512_fmadd_ps(p1, v, a1[c]);
-                    }
-                }
-            else
-                for (int64_t t = 0; t < L; t++) {
-                    const __m512 p0 = _mm512_set1_ps(s0[t]);
-                    for (int c = 0; c < HD / 16; c++) a0[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(vf + t * HD + c * 16), a0[c]);
-                }
-            store_row(out + (r * nkv * g + i) * HD, a0, HD / 16, sum[i]);
-            if (two) store_row(out + (r * nkv * g + i + 1) * HD, a1, HD / 16, sum[i + 1]);
+        /* the weighted sum of V: each load of V feeds every head of a pass (up to 4 at hd 64,
+         * 2 at 128: their accumulators fill 16 registers); each head's sum is in order of t */
+        const int64_t hp = HD == 64 ? 4 : 2;
+        for (int64_t i0 = 0; i0 < g; i0 += hp) {
+            const int64_t np = g - i0 < hp ? g - i0 : hp;
+            const float *si = s + i0 * L;
+            uint16_t *o = out + (r * nkv * g + i0) * HD;
+            if (np == 4) weighted_v(4, HD, si, L, vf, o, sum + i0);
+            else if (np == 3) weighted_v(3, HD, si, L, vf, o, sum + i0);
+            else if (np == 2) weighted_v(2, HD, si, L, vf, o, sum + i0);
+            else weighted_v(1, HD, si, L, vf, o, sum + i0);
         }
     }
 }
