@@ -3,14 +3,20 @@
 For each target (by default: a single-process aggregated server, then the local
 disaggregated cluster, each started here on free 127.0.0.1 ports and stopped by pid) and
 each workload, it sends a bounded number of requests at a fixed concurrency (or rate) and
-reports time to first token p50/p99, time per output token, request and token throughput,
-and, for disaggregated serving, the KV transfer's share of TTFT (from the frontend's
-/metrics). Results go to stdout, a JSON file and PNG plots.
+reports time to first token p50/p99, time per output token, request latency (E2E p50),
+request and token throughput, and, for disaggregated serving, the KV transfer's share of
+TTFT (from the frontend's /metrics). Results go to stdout, a JSON file and PNG plots.
 
 Workloads:
   --prompt-tokens 512,2048 --output-tokens 64        random token ids (no prefix reuse)
   --chat                                              ~200-token chat prompts, 32 output
                                                       tokens, 8 concurrent (the vLLM comparison)
+
+In a closed loop (a fixed number of streams, each sending its next request when the last one
+ends) the cycle of a stream is set by throughput, so a target with shorter TPOT shows a longer
+TTFT at the same req/s: a disaggregated cluster's prompts wait in the prefill worker's queue
+where an aggregated server's decodes wait behind prompt chunks. Compare TTFT at concurrency 1
+(``--concurrency 1``), and E2E and req/s under load.
 
 On a shared VM one run can differ from the next by 10-20%: ``--rounds N`` measures every
 target N times, each round on freshly started servers and the targets' order alternating,
@@ -69,6 +75,7 @@ class Result:
     ttft_p99_ms: float
     tpot_ms: float
     prompt_tokens_mean: float = float("nan")  # as the server counted them (chat: with the template)
+    e2e_p50_ms: float = float("nan")  # request latency, first byte sent to last token
     transfer_share_of_ttft: float | None = None
     ttft_split_ms: dict[str, float] = field(default_factory=dict)
     round: int = 1  # with --rounds N: which of the N rounds measured this
@@ -225,6 +232,7 @@ def summarize(target: str, w: Workload, runs: list[tuple[float, float, int, int]
         ttft_p50_ms=1000 * statistics.median(ttfts), ttft_p99_ms=1000 * p99,
         tpot_ms=1000 * statistics.fmean(tpots) if tpots else float("nan"),
         prompt_tokens_mean=statistics.fmean(r[3] for r in runs) if runs else float("nan"),
+        e2e_p50_ms=1000 * statistics.median(r[1] for r in runs) if runs else float("nan"),
         transfer_share_of_ttft=share, ttft_split_ms=split,
     )  # fmt: skip
 
@@ -235,14 +243,14 @@ def summarize(target: str, w: Workload, runs: list[tuple[float, float, int, int]
 def print_table(results: list[Result], rounds: int = 1, spread: list[Result] | None = None) -> None:
     """One row per result (its round after the target when ``rounds`` > 1); ``spread``: every
     round's results, whose req/s are listed under each row."""
-    head = f"{'target':<17} {'workload':<22} {'in tok':>6} {'ok':>4} {'fail':>4} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT ms':>8} {'KV xfer/TTFT':>12}"
+    head = f"{'target':<17} {'workload':<22} {'in tok':>6} {'ok':>4} {'fail':>4} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT ms':>8} {'E2E p50':>9} {'KV xfer/TTFT':>12}"
     print(head)
     print("-" * len(head))
     for r in results:
         share = f"{100 * r.transfer_share_of_ttft:.1f}%" if r.transfer_share_of_ttft is not None else "-"
         target = f"{r.target} #{r.round}" if rounds > 1 else r.target
         print(f"{target:<17} {r.workload:<22} {r.prompt_tokens_mean:>6.0f} {r.num_ok:>4} {r.num_failed:>4} {r.req_per_s:>7.2f} {r.out_tok_per_s:>8.1f} "
-              f"{r.ttft_p50_ms:>8.0f}ms {r.ttft_p99_ms:>8.0f}ms {r.tpot_ms:>8.1f} {share:>12}")  # fmt: skip
+              f"{r.ttft_p50_ms:>8.0f}ms {r.ttft_p99_ms:>8.0f}ms {r.tpot_ms:>8.1f} {r.e2e_p50_ms:>8.0f}ms {share:>12}")  # fmt: skip
         if r.ttft_split_ms:
             print(" " * 18 + "TTFT split (mean ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r.ttft_split_ms.items()))
         if spread:

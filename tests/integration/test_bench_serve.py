@@ -23,5 +23,6 @@ def test_bench_serve_measures_and_reports(tmp_path, capsys):
     assert result["num_ok"] == 3 and result["num_failed"] == 0
     assert 0 < result["ttft_p50_ms"] <= result["ttft_p99_ms"]
     assert result["out_tok_per_s"] > 0 and result["tpot_ms"] > 0
+    assert result["ttft_p50_ms"] < result["e2e_p50_ms"]  # a request ends after its first token
     assert result["prompt_tokens_mean"] == 40  # as the server counted them
     assert (tmp_path / "serve_ttft_p50_ms.png").stat().st_size > 1000
