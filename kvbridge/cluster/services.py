@@ -42,11 +42,13 @@ HOST = "127.0.0.1"
 
 
 
-def stop_process(proc: subprocess.Popen, name: str, timeout: float) -> None:
-    """Stop a child by its own pid: terminate, wait, kill if it outlives ``timeout``."""
+def stop_process(proc: subprocess.Popen, name: str, timeout: float, terminate: bool = True) -> None:
+    """Stop a child by its own pid: terminate (unless the caller already did: a second
+    SIGTERM would cut short a clean exit under way), wait, kill if it outlives ``timeout``."""
     if proc.poll() is not None:
         return
-    proc.terminate()
+    if terminate:
+        proc.terminate()
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:

@@ -198,6 +198,7 @@ class WorkerProcess:
     def __init__(self, worker_id: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
         self.worker_id, self.argv, self.env, self.log_path = worker_id, argv, env, log_path
         self.proc: subprocess.Popen | None = None
+        self._terminated = False  # SIGTERM sent: the worker is shutting down
 
     def start(self) -> None:
         with open(self.log_path, "ab") as out:
@@ -220,12 +221,29 @@ class WorkerProcess:
         except OSError:
             return ""
 
+    def terminate(self) -> None:
+        """Ask the worker to shut down (SIGTERM, once), without waiting for it."""
+        if self.proc is not None and not self._terminated and self.proc.poll() is None:
+            self.proc.terminate()
+            self._terminated = True
+
     def stop(self, timeout: float = 10.0) -> None:
+        """Terminate the worker unless that was done already, wait, kill it after ``timeout``.
+        One SIGTERM only: a second one that lands while the worker exits (Python has given
+        its signals back to the default action by then) ended it with -15 instead of 0."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        stop_process(proc, self.worker_id, timeout)
+        stop_process(proc, self.worker_id, timeout, terminate=not self._terminated)
         log.info("%s stopped (pid %d, exit code %s)", self.worker_id, proc.pid, proc.returncode)
+
+
+def stop_workers(procs: list[WorkerProcess], timeout: float = 10.0) -> None:
+    """Terminate every worker first, then wait for each: they shut down in parallel."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.stop(timeout)
 
 
 def plan_cpus(
@@ -330,11 +348,7 @@ def run_local_cluster(cfg: Config, sock: socket.socket, cfg_path: str, extra: li
         keep_logs = True  # the message points at them
         raise
     finally:
-        for p in procs:  # terminate all first, then wait for each: they stop in parallel
-            if p.proc is not None and p.exited() is None:
-                p.proc.terminate()
-        for p in procs:
-            p.stop()
+        stop_workers(procs)
         if services is not None:
             services.cleanup()
         if not keep_logs:
