@@ -12,7 +12,7 @@ import pytest
 
 from kvbridge.config import EngineConfig
 from kvbridge.engine.request import SamplingParams
-from tests.cluster_harness import Cluster
+from tests.cluster_harness import Cluster, alive
 from tests.device import DEVICE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -172,3 +172,15 @@ def test_client_gone_while_the_prompt_is_prefilled_frees_every_pool(cluster, ref
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{cluster.url}/v1/completions", json=body(prompt, max_tokens=50), timeout=wait_s, trust_env=False)
     cluster.wait_pools_full(timeout=30)  # at the latest once kv_transfer_timeout_ms (5 s) has passed
+
+
+def test_ctrl_c_stops_every_child_cleanly(cluster):
+    """Last in this module: Ctrl-C (SIGINT to `kvbridge serve`) stops each worker with one
+    SIGTERM and a clean exit (code 0, not -15 from a second SIGTERM while it exits), then
+    etcd and NATS; no child outlives it."""
+    pids = cluster.pids
+    cluster.stop()
+    assert cluster.proc.returncode in (0, 130), cluster.log()[-3000:]
+    for wid in ("prefill-0", "decode-0"):
+        assert f"{wid} stopped (pid {pids[wid]}, exit code 0)" in cluster.log(), cluster.log()[-3000:]
+    assert not [name for name, pid in pids.items() if alive(pid)]
