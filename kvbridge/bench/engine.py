@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 # the report (summary, table, plot) and its reference numbers; re-exported: TARGETS, VLLM_LABEL, _f
+from kvbridge.bench import out_folder
 from kvbridge.bench.engine_report import (  # noqa: F401
     TARGETS,
     VLLM_LABEL,
@@ -339,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-mb", type=int, default=0, help="kvbridge KV pool size (default: sized for the workload)")
     p.add_argument("--prefix-caching", action="store_true", help="turn kvbridge's prefix cache on (off by default)")
     p.add_argument("--skip-transformers", action="store_true", help="run kvbridge only (quick runs)")
-    p.add_argument("--out", default="bench_out/engine", help="folder for results.json and results.png (bench_out/engine)")
+    p.add_argument("--out", type=out_folder, default="bench_out/engine", help="folder for results.json and results.png (bench_out/engine)")
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -407,7 +408,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"# model {Path(model).name}, dtype {args.dtype} (both systems), {threads} torch threads, {os.cpu_count()} CPUs, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)  # fmt: skip
 
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     systems: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="kvbridge-bench-") as tmp:

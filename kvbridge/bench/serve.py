@@ -42,6 +42,8 @@ from pathlib import Path
 
 import httpx
 
+from kvbridge.bench import out_folder
+
 VLLM_REFERENCE = "vLLM 0.32 CPU build (reported in the issue): aggregated 4.4 req/s (TTFT p50 ~730 ms); disaggregated with NixlConnector 2.0 req/s (TTFT p50 686 ms, p99 2.5 s)"
 TOPICS = [
     "the history of the printing press", "how tides work", "the rules of chess", "photosynthesis",
@@ -338,14 +340,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every target this many times, each round on freshly started servers, the "
                         "targets' order alternating; reports each round and the median round (1)")  # fmt: skip
-    p.add_argument("--out", default="bench_out/serve")
+    p.add_argument("--out", type=out_folder, default="bench_out/serve")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     print("command:", "kvbridge bench serve " + " ".join(argv if argv is not None else sys.argv[3:]))
-    out = Path(a.out)
+    out = a.out
     out.mkdir(parents=True, exist_ok=True)
     workloads = [Workload(f"{n} in/{a.output_tokens} out", a.num_requests, a.concurrency, a.output_tokens, int(n), a.rate)
                  for n in a.prompt_tokens.split(",") if n.strip()]  # fmt: skip

@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kvbridge.bench import out_folder
+
 KiB, MiB = 1024, 1024 * 1024
 DEFAULT_SIZES = "64K,256K,1M,4M,16M,64M,256M,512M"
 NUM_LAYERS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, DTYPE = 4, 16, 2, 64, "float32"
@@ -442,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replot", metavar="JSON", help="only redraw the plot from a transfer.json")
     ap.add_argument("--device", default="cpu", help="where both KV regions live: cpu (DRAM) or cuda[:N] (VRAM, one GPU)")
     ap.add_argument("--no-pin", action="store_true", help="let the scheduler place both sides (default: each on its own core)")
-    ap.add_argument("--out", default="bench-out", help="folder for transfer.json and transfer.png")
+    ap.add_argument("--out", type=out_folder, default="bench-out", help="folder for transfer.json and transfer.png")
     a = ap.parse_args(argv)
     if a.replot:
         fields = {f for f in Row.__dataclass_fields__}
@@ -454,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"sizes must be multiples of {human(REQ_UNIT)} (one 16 KiB block in each of 4 layers): {bad}")
     backends = [b for b in a.backends.split(",") if b] or _available_backends()
-    out = Path(a.out)
+    out = a.out
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("UCX_NET_DEVICES", "lo")  # local benchmark: loopback (children inherit it)
     print(HEADER, flush=True)

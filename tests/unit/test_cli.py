@@ -216,3 +216,14 @@ def test_chat_url_that_is_not_an_openai_server(capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err, err
     assert "did not answer like an OpenAI-compatible server" in err, err
+
+
+@pytest.mark.parametrize("bench", ["engine", "transfer", "serve"])
+def test_bench_out_that_is_a_file_is_a_usage_error(bench, tmp_path: Path, capsys):
+    taken = tmp_path / "results"
+    taken.write_text("keep me")
+    for out, says in ((taken, "is a file, not a folder"), (taken / "sub", "is not a writable folder")):
+        assert run_main(["bench", bench, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and says in err.strip().splitlines()[-1], err
+    assert taken.read_text() == "keep me"
