@@ -42,8 +42,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-# the report (summary, table, plot) and its reference numbers; re-exported: TARGETS, VLLM_LABEL, _f
 from kvbridge.bench import out_folder
+
+# the report (summary, table, plot) and its reference numbers; re-exported: TARGETS, VLLM_LABEL, _f
 from kvbridge.bench.engine_report import (  # noqa: F401
     TARGETS,
     VLLM_LABEL,
