@@ -133,7 +133,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument(
         "--layer-backend", choices=("auto", "native", "torch"),
-        help="linear layers: native C kernel (bfloat16, CPUs with AVX512-BF16), torch (oneDNN), or auto (default: native where the CPU has AVX512-BF16 but no AMX)",
+        help="linear layers: native C kernel (bfloat16, CPUs with AVX512-BF16), torch (oneDNN), or auto (default: native where the CPU has AVX512-BF16)",
     )  # fmt: skip
 
 

@@ -175,7 +175,7 @@ class EngineConfig:
     num_threads: int = 0  # torch threads; 0: KVBRIDGE_NUM_THREADS or all cores
     seed: int = 0
     attention_backend: str = "auto"  # auto: native where it builds (bfloat16 on CPU), else torch | native | torch
-    layer_backend: str = "auto"  # auto: native for bfloat16 on CPUs with AVX512-BF16 but no AMX, else torch | native | torch
+    layer_backend: str = "auto"  # auto: native for bfloat16 on CPUs with AVX512-BF16, else torch | native | torch
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:

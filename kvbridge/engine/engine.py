@@ -102,8 +102,10 @@ def resolve_attention(name: str, dtype_name: str, device: torch.device) -> nativ
 
 def resolve_linear(name: str, dtype_name: str, device: torch.device, in_features: list[int]) -> native.LinearKernel | None:
     """The native linear kernel, or None for torch's products (oneDNN-packed where exact).
-    ``auto``: native for bfloat16 on CPUs with AVX512-BF16 and no AMX (there oneDNN's AMX
-    kernels run prompts faster); ``native``: that, or a startup error that says why not."""
+    ``auto`` and ``native``: native for bfloat16 on CPUs with AVX512-BF16 (AMX or not: oneDNN's
+    AMX kernels give a row other bits in a batch of 33 or more than alone, so a request's tokens
+    would depend on what runs beside it); ``auto`` falls back to torch's where the kernel
+    cannot run, ``native`` is then a startup error that says why not."""
     if name == "torch":
         return None
     why = ""
@@ -121,10 +123,8 @@ def resolve_linear(name: str, dtype_name: str, device: torch.device, in_features
         else:
             if kernel.available == 0:
                 why = "needs a CPU with AVX512-BF16"
-            elif kernel.available == 1 or name == "native":
-                return kernel
             else:
-                return None  # auto on an AMX CPU
+                return kernel
     if name == "native":
         raise ConfigError(f"engine.layer_backend native: {why}")
     log.debug("native linear layers not used: %s", why)
