@@ -167,7 +167,8 @@ class LLMEngine:
         if kernel is not None:
             _, huge = native_linears(model, kernel)
             model.use_native_ops(native.load().elementwise)
-            self.linear_kind = "native (weights on huge pages)" if huge else "native"
+            extras = [e for e, on in (("AMX", kernel.available == 2), ("weights on huge pages", huge)) if on]
+            self.linear_kind = f"native ({', '.join(extras)})" if extras else "native"
         else:
             self.packed_linears = pack_linears(model, dtype, device)
             self.linear_kind = "onednn-packed" if self.packed_linears else "torch"

@@ -13,6 +13,18 @@ from kvbridge.engine.engine import resolve_linear
 from kvbridge.engine.models.packed import NativeLinear, native_linears
 
 KERNEL = native.load().linear
+LIB = native.load().lib
+AMX_ON = KERNEL.available == 2  # as the library was loaded: AMX tiles where the CPU has them
+
+
+@pytest.fixture(params=["avx512", "amx"])
+def tiles(request):
+    """Each test below runs with linear.c's AVX512-BF16 tiles and with linear_amx.c's AMX tiles
+    (on a CPU without AMX, turning them on must say no, and the AVX512-BF16 tiles run twice)."""
+    on = LIB.linear_bf16_use_amx(request.param == "amx")
+    assert on == (request.param == "amx" and AMX_ON)
+    yield request.param
+    assert LIB.linear_bf16_use_amx(AMX_ON) == AMX_ON
 
 
 def layer(n: int, k: int, bias: bool, seed: int = 0) -> tuple[NativeLinear, torch.Tensor, torch.Tensor | None]:
@@ -32,7 +44,7 @@ def refused_here(lin: NativeLinear, x: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize(("n", "k", "bias"), [(1152, 576, False), (40, 96, True), (576, 1536, False)])
-def test_float32_sums_rounded_once(n, k, bias):
+def test_float32_sums_rounded_once(n, k, bias, tiles):
     """float32 accumulation of exact bf16 products, one rounding: within one bfloat16 step
     (plus the float32 sum's own error) of the float64 value, and nearly always equal to
     torch's float32 product rounded."""
@@ -48,11 +60,12 @@ def test_float32_sums_rounded_once(n, k, bias):
     assert (y == f32).float().mean() > 0.999
 
 
-@pytest.mark.parametrize(("n", "k", "bias"), [(1152, 576, False), (40, 96, True), (200, 64, True)])
-def test_a_row_gives_the_same_bits_in_any_batch(n, k, bias):
+@pytest.mark.parametrize(("n", "k", "bias"), [(1152, 576, False), (40, 96, True), (200, 64, True), (24, 80, True)])
+def test_a_row_gives_the_same_bits_in_any_batch(n, k, bias, tiles):
     """Every tile (4x4 up to 4 rows, 8x4 up to 8 and again for rows 9-16, 6x4 beyond), each in its full-tile copy
     and its copy for fewer rows, and the masked last block of outputs (40, 200: not multiples of 16) sum each
-    output in the same order."""
+    output in the same order; so do the AMX tiles (16 or 32 rows, one or two blocks of outputs, any rows), and a
+    layer whose inputs are not a multiple of 32 (80) keeps the AVX512-BF16 tiles for every batch."""
     lin, _, _ = layer(n, k, bias)
     x = torch.randn(40, k, generator=torch.Generator().manual_seed(2)).bfloat16()
     if refused_here(lin, x):

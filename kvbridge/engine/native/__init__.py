@@ -7,7 +7,8 @@
   the kernel reads each key and value once. A prompt token gets the bits a decode step would.
 - ``linear.c``: the model's linear layers (AVX512-BF16), weights packed once for it. A decode
   step's products stream every weight from memory once for all its rows; oneDNN's took
-  ~1.5x as long for the same weights (see ``NativeLinear``).
+  ~1.5x as long for the same weights (see ``NativeLinear``). ``linear_amx.c``: the same
+  products on AMX tiles, for every row count, where the CPU has them.
 - ``elementwise.c``: RMSNorm (with the residual add before it), SiLU(gate)·up and RoPE, one
   call each instead of 5-10 small torch ops.
 
@@ -138,7 +139,7 @@ class PagedAttention:
 @dataclass(frozen=True)
 class LinearKernel:
     """``linear_bf16`` of the built library; ``available``: 0 without AVX512-BF16 (the
-    kernel refuses), 1 with it, 2 where the CPU also has AMX (oneDNN is faster for prompts)."""
+    kernel refuses), 1 with it, 2 where it runs on AMX tiles (``linear_amx.c``)."""
 
     fn: ctypes._CFuncPtr
     available: int
@@ -272,4 +273,7 @@ def load() -> Kernels:
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
+    # AMX tiles for the products where the CPU has them, before the first product (their bits
+    # differ from the AVX512-BF16 tiles'); KVBRIDGE_NATIVE_AMX=0 keeps the AVX512-BF16 tiles
+    lib.linear_bf16_use_amx(c_int(os.environ.get("KVBRIDGE_NATIVE_AMX", "1") != "0"))
     return Kernels(PagedAttention(lib.paged_attention_bf16, lib.paged_attention_scratch), LinearKernel(lib.linear_bf16, lib.linear_bf16_available()), ElementwiseOps(lib), lib)

@@ -87,17 +87,23 @@ SPAN(4, 4)
 SPAN(8, 4)
 SPAN(6, 4)
 
-int linear_bf16_available(void) {
-#ifdef __AMX_BF16__
-    return 2; /* works, but oneDNN's AMX kernels are faster for prompts */
-#else
-    return 1;
-#endif
-}
+int linear_amx_enable(void);
+int linear_bf16_amx(const uint16_t *x, const uint16_t *w, const float *bias, uint16_t *y, int64_t M, int64_t N,
+                    int64_t K, int nthreads);
+
+static int amx_on; /* linear_amx.c's tiles run every layer whose K is a multiple of 32 */
+
+/* 1: AVX512-BF16 tiles; 2: AMX tiles (after linear_bf16_use_amx) */
+int linear_bf16_available(void) { return amx_on ? 2 : 1; }
+
+/* Turn the AMX tiles on (asks the kernel for them) or off; returns whether they are on. Set
+ * once, before any product: the two kinds of tiles give different bits. */
+int linear_bf16_use_amx(int on) { return amx_on = on && linear_amx_enable(); }
 
 int linear_bf16(const uint16_t *x, const uint16_t *w, const float *bias, uint16_t *y, int64_t M, int64_t N,
                 int64_t K, int nthreads) {
     if (K % 2 || M < 0 || N <= 0) return 1;
+    if (amx_on && K % 32 == 0) return linear_bf16_amx(x, w, bias, y, M, N, K, nthreads);
     const int64_t nblocks = (N + 15) / 16;
     if (M <= 16) {
         const int64_t NB = 4, groups = (nblocks + NB - 1) / NB;
@@ -130,6 +136,8 @@ int linear_bf16(const uint16_t *x, const uint16_t *w, const float *bias, uint16_
 #else /* no AVX512-BF16: the engine keeps oneDNN's or torch's products */
 
 int linear_bf16_available(void) { return 0; }
+
+int linear_bf16_use_amx(int on) { return (void)on, 0; }
 
 int linear_bf16(const uint16_t *x, const uint16_t *w, const float *bias, uint16_t *y, int64_t M, int64_t N,
                 int64_t K, int nthreads) {
