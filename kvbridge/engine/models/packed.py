@@ -156,7 +156,7 @@ def packing_works(dtype: torch.dtype) -> bool:
         packed = PackedLinear(weight, bias)
         with torch.inference_mode():
             for rows in (1, 7, 33, 64, 200):
-                x = torch.randn(rows, 96, generator=gen).to(dtype)
+                x = torch.randn(rows, 576, generator=gen).to(dtype)
                 if not torch.equal(packed(x), F.linear(x, weight, bias)):
                     return False
         return True
