@@ -49,19 +49,79 @@ void rmsnorm_bf16(const uint16_t *x, const uint16_t *add, uint16_t *sum, const u
     }
 }
 
-/* out (T, I) = bf16(bf16(silu(gate)) * up), gate|up side by side in gu (T, 2I) */
+/* bf16(bf16(silu(x)) * u) of one value */
+static inline uint16_t silu_mul1(uint16_t g, uint16_t u) {
+    const float x = bf16_to_f32(g);
+    /* exp(-|x|): no overflow either side; 0 where float32's exp underflows, as torch's */
+    const float e = fabsf(x) > 87.0f ? 0.0f : exp_nonpos(-fabsf(x));
+    const float silu = x >= 0.0f ? x / (1.0f + e) : x * e / (1.0f + e);
+    return f32_to_bf16(round_bf16(silu) * bf16_to_f32(u));
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+
+/* f32_to_bf16 of 16 lanes (nearest even, NaN kept a NaN; subnormals kept, unlike vcvtneps2bf16) */
+static inline __m256i bf16x16(__m512 f) {
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+static inline __m512 widen_bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* exp_nonpos (bf16.h) on 16 lanes, the same operations in the same order */
+static inline __m512 exp_nonpos_x16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 magic = _mm512_set1_ps(12582912.0f);
+    const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic), magic);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+/* silu_mul1 of 16 values */
+static inline void silu_mul16(const uint16_t *g, const uint16_t *u, uint16_t *o) {
+    const __m512 x = widen_bf16x16(g);
+    const __m512 ax = _mm512_abs_ps(x);
+    const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(ax, _mm512_set1_ps(87.0f), _CMP_LE_OQ) |
+                                             _mm512_cmp_ps_mask(ax, ax, _CMP_UNORD_Q),
+                                         exp_nonpos_x16(_mm512_sub_ps(_mm512_setzero_ps(), ax)));
+    const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NGE_UQ); /* not x >= 0 */
+    const __m512 num = _mm512_mask_mul_ps(x, neg, x, e);
+    const __m512 silu = _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    const __m512 sr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16x16(silu)), 16));
+    _mm256_storeu_si256((__m256i *)o, bf16x16(_mm512_mul_ps(sr, widen_bf16x16(u))));
+}
+#endif
+
+/* out (T, I) = bf16(bf16(silu(gate)) * up), gate|up side by side in gu (T, 2I); the AVX-512
+ * lanes compute what silu_mul1 does, 16 at a time: the same bits for all 65536 bf16 gates
+ * (checked against it), where GCC vectorized silu_mul1 only 8 lanes wide (the gate|up of 1024
+ * rows of the default model, 2 threads: 0.88 -> 0.53 ms) */
 void silu_mul_bf16(const uint16_t *gu, uint16_t *out, int64_t T, int64_t I, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) if (T * I >= PARALLEL_FROM) schedule(static)
     for (int64_t t = 0; t < T; t++) {
         const uint16_t *g = gu + t * 2 * I, *u = g + I;
         uint16_t *o = out + t * I;
-        for (int64_t i = 0; i < I; i++) {
-            const float x = bf16_to_f32(g[i]);
-            /* exp(-|x|): no overflow either side; 0 where float32's exp underflows, as torch's */
-            const float e = fabsf(x) > 87.0f ? 0.0f : exp_nonpos(-fabsf(x));
-            const float silu = x >= 0.0f ? x / (1.0f + e) : x * e / (1.0f + e);
-            o[i] = f32_to_bf16(round_bf16(silu) * bf16_to_f32(u[i]));
-        }
+        int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        for (; i + 16 <= I; i += 16) silu_mul16(g + i, u + i, o + i);
+#endif
+        for (; i < I; i++) o[i] = silu_mul1(g[i], u[i]);
     }
 }
 
