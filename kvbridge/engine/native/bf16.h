@@ -43,4 +43,13 @@ static inline float exp_nonpos(float x) {
 /* float32 rounded to bfloat16 and back: what a bf16 tensor op stores */
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+/* 16 bf16 values at x widened to float32 (exact) */
+static inline __m512 widen16(const uint16_t *x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+}
+#endif
+
 #endif

@@ -59,8 +59,6 @@ static inline uint16_t silu_mul1(uint16_t g, uint16_t u) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-
 /* f32_to_bf16 of 16 lanes (nearest even, NaN kept a NaN; subnormals kept, unlike vcvtneps2bf16) */
 static inline __m256i bf16x16(__m512 f) {
     const __m512i u = _mm512_castps_si512(f);
@@ -71,11 +69,10 @@ static inline __m256i bf16x16(__m512 f) {
     return _mm512_cvtepi32_epi16(r);
 }
 
-static inline __m512 widen_bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-/* exp_nonpos (bf16.h) on 16 lanes, the same operations in the same order */
+/* exp_nonpos (bf16.h) on 16 lanes, the same operations in the same order. Not paged_attention.c's
+ * exp_nonpos16: that one rounds x * log2(e) to float32 before taking the nearest integer and
+ * adds r + 1 before the last FMA, so its last bit may differ from exp_nonpos's (attention
+ * keeps its own bits; here the lanes must give the element-wise path's). */
 static inline __m512 exp_nonpos_x16(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     const __m512 magic = _mm512_set1_ps(12582912.0f);
@@ -95,7 +92,7 @@ static inline __m512 exp_nonpos_x16(__m512 x) {
 
 /* silu_mul1 of 16 values */
 static inline void silu_mul16(const uint16_t *g, const uint16_t *u, uint16_t *o) {
-    const __m512 x = widen_bf16x16(g);
+    const __m512 x = widen16(g);
     const __m512 ax = _mm512_abs_ps(x);
     const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(ax, _mm512_set1_ps(87.0f), _CMP_LE_OQ) |
                                              _mm512_cmp_ps_mask(ax, ax, _CMP_UNORD_Q),
@@ -104,7 +101,7 @@ static inline void silu_mul16(const uint16_t *g, const uint16_t *u, uint16_t *o)
     const __m512 num = _mm512_mask_mul_ps(x, neg, x, e);
     const __m512 silu = _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
     const __m512 sr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16x16(silu)), 16));
-    _mm256_storeu_si256((__m256i *)o, bf16x16(_mm512_mul_ps(sr, widen_bf16x16(u))));
+    _mm256_storeu_si256((__m256i *)o, bf16x16(_mm512_mul_ps(sr, widen16(u))));
 }
 #endif
 

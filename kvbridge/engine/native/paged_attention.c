@@ -92,10 +92,6 @@ static inline void store_row(uint16_t *o, const __m512 *acc, int64_t nv, float s
         _mm256_storeu_si256((__m256i *)(o + c * 16), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[c], inv)));
 }
 
-static inline __m512 widen16(const uint16_t *x) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
-}
-
 /* The largest of s[0..L) (L >= 1); max is exact, so its order does not matter. */
 static inline float row_max(const float *si, int64_t L) {
     __m512 m = _mm512_set1_ps(-__builtin_inff());
