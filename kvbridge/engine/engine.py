@@ -24,6 +24,7 @@ from kvbridge.engine.model_runner import ModelRunner
 from kvbridge.engine.models.llama import LlamaModel, Rotary
 from kvbridge.engine.models.native_layers import NativeLayers
 from kvbridge.engine.models.packed import native_linears, pack_linears, pad_small_batches
+from kvbridge.engine.models.quantized import attach_q4_codes
 from kvbridge.engine.output import OutputState, emit, token_stop
 from kvbridge.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
 from kvbridge.engine.sampler import sample
@@ -147,7 +148,9 @@ class LLMEngine:
         self.dtype_name = resolve_dtype(config.dtype, device)
         dtype = TORCH_DTYPES[self.dtype_name]
 
-        spec, weights = load_model(config.model, dtype=dtype, device=device)
+        # a GGUF's own blocks, for the decode products (models/quantized.py): bfloat16 on CPU
+        codes: dict | None = {} if self.dtype_name == "bfloat16" and device.type == "cpu" else None
+        spec, weights = load_model(config.model, dtype=dtype, device=device, codes=codes)
         self.spec = spec
         self.tokenizer = Tokenizer.load(config.model)
         self.model_name = config.model_name
@@ -167,14 +170,15 @@ class LLMEngine:
         if kernel is not None:
             _, huge = native_linears(model, kernel)
             model.use_native_ops(native.load().elementwise)
-            extras = [e for e, on in (("AMX", kernel.available == 2), ("weights on huge pages", huge)) if on]
+            q4 = attach_q4_codes(model, codes or {}, native.load()) if os.environ.get("KVBRIDGE_NATIVE_Q4", "1") != "0" else 0
+            extras = [e for e, on in (("AMX", kernel.available == 2), ("weights on huge pages", huge), (f"Q4_1 codes for decode in {q4} layers", q4)) if on]
             self.linear_kind = f"native ({', '.join(extras)})" if extras else "native"
         else:
             self.packed_linears = pack_linears(model, dtype, device)
             self.linear_kind = "onednn-packed" if self.packed_linears else "torch"
         pad_small_batches(model, dtype, device)  # float32: a row's bits must not depend on its batch
         self.model = model.eval()
-        del weights
+        del weights, codes
 
         num_blocks = config.num_kv_blocks or num_blocks_for_memory(
             config.kv_cache_memory_mb, spec.num_layers, spec.num_kv_heads, config.block_size, spec.head_dim, self.dtype_name

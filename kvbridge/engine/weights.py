@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,12 +94,18 @@ def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> np.ndarra
 
 def gguf_tensor(f: GGUFFile, name: str) -> np.ndarray:
     """One tensor of a GGUF file as float32 numpy, in numpy (HF) shape order."""
+    raw, info = gguf_blocks(f, name)
+    return dequantize(raw, info.qtype, info.shape)
+
+
+def gguf_blocks(f: GGUFFile, name: str) -> tuple[np.ndarray, Any]:
+    """One tensor's bytes as stored (its ggml blocks, a view of the file), and its info."""
     info = f.tensors.get(name)
     if info is None:
         raise WeightsError(f"{f.path}: missing tensor {name}")
     block, size = GGML_QUANT_SIZES[quant_type(info.qtype, f"{f.path}: tensor {name}")]
     nbytes = int(np.prod(info.shape)) // block * size
-    return dequantize(f.raw(info, nbytes), info.qtype, info.shape)
+    return f.raw(info, nbytes), info
 
 
 # -- names and specs --------------------------------------------------------------------------
@@ -131,7 +138,9 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+def _load_gguf(
+    path: Path, dtype: torch.dtype, device: str | torch.device, codes: dict[str, tuple[str, np.ndarray]] | None = None
+) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     f = read_gguf(path)
     spec = gguf_spec(f)
     names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
@@ -142,10 +151,16 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device) -> tu
         names |= {f"blk.{i}.{g}": f"model.layers.{i}.{h}" for g, h in layer_names.items()}
     out = {}
     for gname, hname in names.items():
-        w = gguf_tensor(f, gname)
+        raw, info = gguf_blocks(f, gname)
+        w = dequantize(raw, info.qtype, info.shape)
+        rows = raw.reshape(info.shape[0], -1) if len(info.shape) == 2 else None  # a row's blocks
         if spec.architecture == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
-            w = _unpermute(w, spec.num_heads if "attn_q" in gname else spec.num_kv_heads)
+            heads = spec.num_heads if "attn_q" in gname else spec.num_kv_heads
+            w = _unpermute(w, heads)
+            rows = _unpermute(rows, heads) if rows is not None else None
         out[hname] = torch.from_numpy(np.require(w, requirements=["C", "W"])).to(device=device, dtype=dtype)
+        if codes is not None and rows is not None:
+            codes[hname] = (GGMLQuantizationType(info.qtype).name, rows)
     return spec, out
 
 
@@ -184,16 +199,20 @@ def _load_hf(folder: Path, dtype: torch.dtype, device: str | torch.device) -> tu
 
 
 def load_model(
-    path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    codes: dict[str, tuple[str, np.ndarray]] | None = None,
+) -> tuple[ModelSpec, dict[str, torch.Tensor]]:  # fmt: skip
     """Load a model's spec and weights (HF Llama names, ``[out, in]``, cast to ``dtype``).
 
     ``path`` is a ``.gguf`` file (architectures llama, qwen2) or a Hugging Face folder with
-    ``config.json`` and ``*.safetensors``. Raises ``WeightsError`` with the reason.
+    ``config.json`` and ``*.safetensors``. Raises ``WeightsError`` with the reason. ``codes``:
+    a dict that receives, for every 2-D tensor of a GGUF file, its ggml type name and its
+    blocks as stored, one row of blocks per output, rows in the order of the returned weight
+    (``quantized.py`` runs a decode step's products on them).
     """
     p = Path(path)
     if p.is_dir():
         return _load_hf(p, dtype, device)
     if not p.exists():
         raise WeightsError(f"model not found: {p} (give a .gguf file or a Hugging Face folder)")
-    return _load_gguf(p, dtype, device)
+    return _load_gguf(p, dtype, device, codes)

@@ -128,29 +128,57 @@ def test_bfloat16_one_native_call_a_layer_gives_the_bits_of_the_layer_by_parts(b
     on_native = DEVICE == "cpu" and native.load().linear.available > 0
     layers = bf16.model.native_layers
     assert (layers is not None) == on_native
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=True)
-
-    def run(tag: str) -> tuple[dict[str, tuple[list[int], list[float]]], int, int]:
-        calls, steps, got = [], 0, {}
-        for i, p in enumerate(prompts):
-            bf16.add_request(f"{tag}-{i}", p, params)
-        while bf16.has_unfinished_requests():
-            for out in bf16.step(lambda: calls.append(1)):
-                ids, lps = got.setdefault(out.request_id.split("-")[1], ([], []))
-                ids.extend(out.new_token_ids)
-                lps.extend(out.new_logprobs or [])
-            steps += 1
-        return got, len(calls), steps
-
-    whole, calls, steps = run("whole")
+    whole, calls, steps = tokens_and_logprobs(bf16, prompts, "whole")
     bf16.model.native_layers = None
     try:
-        parts, _, _ = run("parts")
+        parts, _, _ = tokens_and_logprobs(bf16, prompts, "parts")
     finally:
         bf16.model.native_layers = layers
     assert whole == parts
     assert sum(len(lps) for _, lps in whole.values()) == len(prompts) * 24
     assert calls == steps * bf16.model.spec.num_layers
+    assert bf16.block_pool.num_free == bf16.block_pool.num_blocks
+
+
+def tokens_and_logprobs(e: LLMEngine, prompts: list[list[int]], tag: str) -> tuple[dict[str, tuple[list[int], list[float]]], int, int]:
+    """Greedy, 24 tokens each, all prompts at once: {prompt index: (tokens, logprobs)}, how
+    often the per-layer hook ran, and the steps."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=True)
+    calls, steps, got = [], 0, {}
+    for i, p in enumerate(prompts):
+        e.add_request(f"{tag}-{i}", p, params)
+    while e.has_unfinished_requests():
+        for out in e.step(lambda: calls.append(1)):
+            ids, lps = got.setdefault(out.request_id.split("-")[1], ([], []))
+            ids.extend(out.new_token_ids)
+            lps.extend(out.new_logprobs or [])
+        steps += 1
+    return got, len(calls), steps
+
+
+def test_bfloat16_decode_products_on_the_gguf_codes_change_no_bit(bf16, prompts):
+    """Where the products run on AMX tiles, every product of every layer keeps the default
+    model's Q4_1 codes and a decode step's rows run on them (models/quantized.py): the tokens
+    and logprobs of prompts and decodes are those of the bfloat16 weights alone."""
+    from kvbridge.engine.models.native_layers import NativeLayers
+    from kvbridge.engine.models.packed import NativeLinear
+
+    amx = DEVICE == "cpu" and native.load().linear.available == 2
+    coded = [m for m in bf16.model.layers.modules() if isinstance(m, NativeLinear) and m.q4 is not None]
+    assert len(coded) == (4 * bf16.spec.num_layers if amx else 0)  # q|k|v, o, gate|up, down
+    with_codes, _, _ = tokens_and_logprobs(bf16, prompts, "codes")
+    layers, codes = bf16.model.native_layers, [m.q4 for m in coded]
+    try:
+        for m in coded:
+            m.q4 = None
+        if layers is not None:  # its weight pointers name the codes: gather them again
+            bf16.model.native_layers = NativeLayers.for_model(bf16.model, native.load())
+        without, _, _ = tokens_and_logprobs(bf16, prompts, "plain")
+    finally:
+        for m, q4 in zip(coded, codes, strict=True):
+            m.q4 = q4
+        bf16.model.native_layers = layers
+    assert with_codes == without
     assert bf16.block_pool.num_free == bf16.block_pool.num_blocks
 
 

@@ -23,7 +23,6 @@
 #include <string.h>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -31,52 +30,7 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-/* GCC's tile load and store intrinsics are asm statements that do not tell the compiler they
- * read or write memory: a buffer tile-stored and then read in C (or written in C and then
- * tile-loaded) needs this between the two, else the C side may be moved or dropped (a buffer
- * written in C only for tile loads was, in a trial). */
-#define MEMORY_BARRIER() __asm__ volatile("" ::: "memory")
-
-struct tile_config {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
-/* tmm0..3: C (row tile i, output block j) at 2*i + j; tmm4, tmm5: A of row tiles 0, 1; tmm6, tmm7: B */
-static void configure(int r0, int r1) {
-    struct tile_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    int rows[8] = {r0, r0, r1, r1, r0, r1, 16, 16};
-    for (int t = 0; t < 8; t++) {
-        c.rows[t] = (uint8_t)rows[t];
-        c.colsb[t] = rows[t] ? 64 : 0;
-    }
-    _tile_loadconfig(&c);
-}
-
-/* The C tiles of rows 0..rows of output blocks b.. (nb) plus the bias, rounded to bf16, into y */
-static inline void store_block(uint16_t *y, int64_t N, const float *bias, int64_t b, int nb, int rows) {
-    float c[32][32];
-    _tile_stored(0, &c[0][0], 128);
-    if (nb > 1) _tile_stored(1, &c[0][16], 128);
-    if (rows > 16) {
-        _tile_stored(2, &c[16][0], 128);
-        if (nb > 1) _tile_stored(3, &c[16][16], 128);
-    }
-    MEMORY_BARRIER();
-    for (int j = 0; j < nb; j++) {
-        int64_t n = 16 * (b + j);
-        __m512 bv = bias ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();
-        __mmask16 mask = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
-        for (int m = 0; m < rows; m++) {
-            __m512 acc = _mm512_loadu_ps(&c[m][16 * j]);
-            __m256i out = (__m256i)_mm512_cvtneps_pbh(bias ? _mm512_add_ps(acc, bv) : acc);
-            _mm256_mask_storeu_epi16(y + m * N + n, mask, out);
-        }
-    }
-}
+#include "amx.h"
 
 /* rows m0.. (r0 + r1 of them, r1 > 0 only when r0 == 16) against output blocks b, b+1 (nb = 1 or 2) */
 static void block(const uint16_t *x, int64_t K, const uint16_t *w, const float *bias, uint16_t *y, int64_t N,
