@@ -24,7 +24,7 @@ from kvbridge.engine.model_runner import ModelRunner
 from kvbridge.engine.models.llama import LlamaModel, Rotary
 from kvbridge.engine.models.native_layers import NativeLayers
 from kvbridge.engine.models.packed import native_linears, pack_linears, pad_small_batches
-from kvbridge.engine.models.quantized import attach_q4_codes
+from kvbridge.engine.models.quantized import attach_codes
 from kvbridge.engine.output import OutputState, emit, token_stop
 from kvbridge.engine.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
 from kvbridge.engine.sampler import sample
@@ -170,8 +170,10 @@ class LLMEngine:
         if kernel is not None:
             _, huge = native_linears(model, kernel)
             model.use_native_ops(native.load().elementwise)
-            q4 = attach_q4_codes(model, codes or {}, native.load()) if os.environ.get("KVBRIDGE_NATIVE_Q4", "1") != "0" else 0
-            extras = [e for e, on in (("AMX", kernel.available == 2), ("weights on huge pages", huge), (f"Q4_1 codes for decode in {q4} layers", q4)) if on]
+            coded = 0
+            if os.environ.get("KVBRIDGE_NATIVE_CODES", "1") != "0":  # 0: a decode step's products on bfloat16 too
+                coded = attach_codes(model, codes or {}, native.load(), spec.tie_word_embeddings)
+            extras = [e for e, on in (("AMX", kernel.available == 2), ("weights on huge pages", huge), (f"GGUF codes for decode in {coded} products", coded)) if on]
             self.linear_kind = f"native ({', '.join(extras)})" if extras else "native"
         else:
             self.packed_linears = pack_linears(model, dtype, device)

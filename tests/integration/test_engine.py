@@ -158,25 +158,27 @@ def tokens_and_logprobs(e: LLMEngine, prompts: list[list[int]], tag: str) -> tup
 
 def test_bfloat16_decode_products_on_the_gguf_codes_change_no_bit(bf16, prompts):
     """Where the products run on AMX tiles, every product of every layer keeps the default
-    model's Q4_1 codes and a decode step's rows run on them (models/quantized.py): the tokens
-    and logprobs of prompts and decodes are those of the bfloat16 weights alone."""
+    model's Q4_1 codes, the head its Q8_0 ones, and a decode step's rows run on them
+    (models/quantized.py): the tokens and logprobs of prompts and decodes are those of the
+    bfloat16 weights alone."""
     from kvbridge.engine.models.native_layers import NativeLayers
     from kvbridge.engine.models.packed import NativeLinear
 
     amx = DEVICE == "cpu" and native.load().linear.available == 2
-    coded = [m for m in bf16.model.layers.modules() if isinstance(m, NativeLinear) and m.q4 is not None]
-    assert len(coded) == (4 * bf16.spec.num_layers if amx else 0)  # q|k|v, o, gate|up, down
+    coded = [m for m in bf16.model.modules() if isinstance(m, NativeLinear) and m.codes is not None]
+    assert len(coded) == (4 * bf16.spec.num_layers + 1 if amx else 0)  # q|k|v, o, gate|up, down; the head
+    assert (bf16.model.lm_head in coded) == amx
     with_codes, _, _ = tokens_and_logprobs(bf16, prompts, "codes")
-    layers, codes = bf16.model.native_layers, [m.q4 for m in coded]
+    layers, codes = bf16.model.native_layers, [m.codes for m in coded]
     try:
         for m in coded:
-            m.q4 = None
+            m.codes = None
         if layers is not None:  # its weight pointers name the codes: gather them again
             bf16.model.native_layers = NativeLayers.for_model(bf16.model, native.load())
         without, _, _ = tokens_and_logprobs(bf16, prompts, "plain")
     finally:
-        for m, q4 in zip(coded, codes, strict=True):
-            m.q4 = q4
+        for m, c in zip(coded, codes, strict=True):
+            m.codes = c
         bf16.model.native_layers = layers
     assert with_codes == without
     assert bf16.block_pool.num_free == bf16.block_pool.num_blocks

@@ -26,7 +26,11 @@ _p, _i64, _f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class _Weights(ctypes.Structure):  # struct layer_weights
-    _fields_ = [(n, _p) for n in ("norm_in", "norm_post", "qkv", "o", "gate_up", "down", "qkv_bias", "qkv_q4", "o_q4", "gate_up_q4", "down_q4")]
+    _fields_ = [
+        *((n, _p) for n in ("norm_in", "norm_post", "qkv", "o", "gate_up", "down", "qkv_bias")),
+        *((n, _p) for n in ("qkv_codes", "o_codes", "gate_up_codes", "down_codes")),
+        *((n, ctypes.c_int32) for n in ("qkv_kind", "o_kind", "gate_up_kind", "down_kind")),
+    ]
 
 
 class _Step(ctypes.Structure):  # struct layer_step
@@ -64,7 +68,8 @@ class NativeLayers:
                     layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                     a.qkv_proj.packed.data_ptr(), a.o_proj.packed.data_ptr(),
                     mlp.gate_up_proj.packed.data_ptr(), mlp.down_proj.packed.data_ptr(), data_ptr(a.qkv_proj.bias),
-                    *(data_ptr(m.q4) for m in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)),
+                    *(data_ptr(m.codes) for m in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)),
+                    *(m.codes_kind for m in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)),
                 )  # fmt: skip
             )
 

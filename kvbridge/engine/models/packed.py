@@ -107,12 +107,14 @@ class NativeLinear(nn.Module):
             self.bias = torch.zeros(self.packed.shape[0] * 16, dtype=torch.float32)
             self.bias[: self.out_features] = bias.detach().float()
         self.kernel = kernel
-        self.q4: torch.Tensor | None = None  # the weight's Q4_1 codes, for a few rows (models/quantized.py)
+        self.codes: torch.Tensor | None = None  # the weight's GGUF codes, for a few rows (models/quantized.py)
+        self.codes_kind = 0  # their ggml type id
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features).contiguous()
-        return self.kernel(rows, self.packed, self.bias, self.out_features, self.q4).view(*lead, self.out_features)
+        out = self.kernel(rows, self.packed, self.bias, self.out_features, self.codes, self.codes_kind)
+        return out.view(*lead, self.out_features)
 
 
 def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:

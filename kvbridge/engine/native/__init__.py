@@ -8,10 +8,10 @@
 - ``linear.c``: the model's linear layers (AVX512-BF16), weights packed once for it. A decode
   step's products stream every weight from memory once for all its rows; oneDNN's took
   ~1.5x as long for the same weights (see ``NativeLinear``). ``linear_amx.c``: the same
-  products on AMX tiles, for every row count, where the CPU has them. ``linear_q4.c``: for
-  a few rows (a decode step), the same products with the weights read as their GGUF Q4_1
-  codes and rebuilt tile by tile into the same bfloat16 values: 0.625 bytes a weight to
-  stream instead of 2.
+  products on AMX tiles, for every row count, where the CPU has them. ``linear_codes.c``:
+  for a few rows (a decode step), the same products with the weights read as their GGUF
+  codes (Q4_1, Q8_0) and rebuilt tile by tile into the same bfloat16 values: 0.625 or 1.06
+  bytes a weight to stream instead of 2.
 - ``elementwise.c``: RMSNorm (with the residual add before it), SiLU(gate)·up and RoPE, one
   call each instead of 5-10 small torch ops.
 
@@ -145,16 +145,17 @@ class LinearKernel:
     """``linear_bf16`` of the built library; ``available``: 0 without AVX512-BF16 (the
     kernel refuses), 1 with it, 2 where it runs on AMX tiles (``linear_amx.c``)."""
 
-    fn: ctypes._CFuncPtr  # linear_bf16_q4
+    fn: ctypes._CFuncPtr  # linear_bf16_coded
     available: int
 
     def __call__(
         self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-        q4: torch.Tensor | None = None,
+        codes: torch.Tensor | None = None, kind: int = 0,
     ) -> torch.Tensor:  # fmt: skip
         """x (M, K) bf16, contiguous; packed from ``pack_linear_weight``; bias float32 padded
-        to a multiple of 16, or None; q4: the same weight's Q4_1 codes (``pack_q4_1``), which
-        a few rows run on where the tiles are AMX, or None → (M, out_features) bf16."""
+        to a multiple of 16, or None; codes: the same weight's GGUF codes of ggml type
+        ``kind`` (``pack_codes``), which a few rows run on where the tiles are AMX, or None
+        → (M, out_features) bf16."""
         if x.dtype != torch.bfloat16 or not x.is_contiguous():
             raise ValueError(f"linear_bf16 takes contiguous bfloat16 rows, not {x.dtype} with strides {x.stride()}")
         M, K = x.shape
@@ -162,7 +163,7 @@ class LinearKernel:
             raise ValueError(f"linear_bf16: {K} inputs for a weight packed for {packed.shape[1] * 2}")
         out = torch.empty(M, out_features, dtype=torch.bfloat16)
         rc = self.fn(
-            x.data_ptr(), packed.data_ptr(), data_ptr(q4), data_ptr(bias), out.data_ptr(),
+            x.data_ptr(), packed.data_ptr(), data_ptr(codes), kind, data_ptr(bias), out.data_ptr(),
             M, out_features, K, torch.get_num_threads(),
         )  # fmt: skip
         if rc != 0:
@@ -191,13 +192,17 @@ def pack_linear_weight(weight: torch.Tensor, into: torch.Tensor | None = None) -
     return into.view(torch.bfloat16).view(blocks, k // 2, 16, 2).copy_(packed)
 
 
-def pack_q4_1(lib: ctypes.CDLL, blocks: np.ndarray, n: int, k: int, into: torch.Tensor) -> None:
-    """GGUF Q4_1 blocks of an (n, k) weight (uint8, n rows of k/32 blocks of 20 bytes) into
-    ``into`` (uint8, ``lib.q4_1_packed_bytes(n, k)``), as ``linear_q4.c`` reads them."""
+CODE_KINDS = {"Q4_1": 3, "Q8_0": 8}  # GGUF types whose codes linear_codes.c takes: their ggml ids
+_BLOCK_BYTES = {3: 20, 8: 34}  # bytes of one block of 32 weights
+
+
+def pack_codes(lib: ctypes.CDLL, kind: int, blocks: np.ndarray, n: int, k: int, into: torch.Tensor) -> None:
+    """GGUF blocks of ggml type ``kind`` of an (n, k) weight (uint8, n rows of k/32 blocks)
+    into ``into`` (uint8, ``lib.codes_packed_bytes(kind, n, k)``), as ``linear_codes.c`` reads them."""
     blocks = np.ascontiguousarray(blocks, dtype=np.uint8)
-    if blocks.size != n * (k // 32) * 20 or k % 32 or into.numel() != lib.q4_1_packed_bytes(n, k):
-        raise ValueError(f"Q4_1 codes of a {n}x{k} weight: {blocks.size} bytes for {into.numel()} packed")
-    lib.q4_1_pack(blocks.ctypes.data, n, k, into.data_ptr())
+    if k % 32 or blocks.size != n * (k // 32) * _BLOCK_BYTES.get(kind, 0) or into.numel() != lib.codes_packed_bytes(kind, n, k):
+        raise ValueError(f"codes of type {kind} of a {n}x{k} weight: {blocks.size} bytes for {into.numel()} packed")
+    lib.codes_pack(kind, blocks.ctypes.data, n, k, into.data_ptr())
 
 
 @dataclass(frozen=True)
@@ -280,11 +285,11 @@ def load() -> Kernels:
         "paged_attention_bf16": (c_int, [c_ptr] * 7 + [c_i64] * 7 + [c_int]),
         "paged_attention_scratch": (c_i64, [c_i64] * 3),
         "linear_bf16": (c_int, [c_ptr] * 4 + [c_i64] * 3 + [c_int]),
-        "linear_bf16_q4": (c_int, [c_ptr] * 5 + [c_i64] * 3 + [c_int]),
-        "linear_q4_1_amx": (c_int, [c_ptr] * 4 + [c_i64] * 3 + [c_int]),
-        "q4_1_packed_bytes": (c_i64, [c_i64] * 2),
-        "q4_1_pack": (c_int, [c_ptr, c_i64, c_i64, c_ptr]),
-        "q4_1_matches": (c_i64, [c_ptr, c_ptr, c_i64, c_i64]),
+        "linear_bf16_coded": (c_int, [c_ptr] * 3 + [c_int] + [c_ptr] * 2 + [c_i64] * 3 + [c_int]),
+        "linear_codes_amx": (c_int, [c_int] + [c_ptr] * 4 + [c_i64] * 3 + [c_int]),
+        "codes_packed_bytes": (c_i64, [c_int, c_i64, c_i64]),
+        "codes_pack": (c_int, [c_int, c_ptr, c_i64, c_i64, c_ptr]),
+        "codes_matches": (c_i64, [c_int, c_ptr, c_ptr, c_i64, c_i64]),
         "rmsnorm_bf16": (None, [c_ptr] * 5 + [c_i64, c_i64, ctypes.c_float, c_int]),
         "silu_mul_bf16": (None, [c_ptr, c_ptr, c_i64, c_i64, c_int]),
         "rope_bf16": (None, [c_ptr, c_i64, c_ptr, c_ptr, c_i64, c_i64, c_i64, c_int]),
@@ -298,4 +303,4 @@ def load() -> Kernels:
     # AMX tiles for the products where the CPU has them, before the first product (their bits
     # differ from the AVX512-BF16 tiles'); KVBRIDGE_NATIVE_AMX=0 keeps the AVX512-BF16 tiles
     lib.linear_bf16_use_amx(c_int(os.environ.get("KVBRIDGE_NATIVE_AMX", "1") != "0"))
-    return Kernels(PagedAttention(lib.paged_attention_bf16, lib.paged_attention_scratch), LinearKernel(lib.linear_bf16_q4, lib.linear_bf16_available()), ElementwiseOps(lib), lib)
+    return Kernels(PagedAttention(lib.paged_attention_bf16, lib.paged_attention_scratch), LinearKernel(lib.linear_bf16_coded, lib.linear_bf16_available()), ElementwiseOps(lib), lib)

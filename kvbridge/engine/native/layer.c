@@ -11,14 +11,14 @@
  *   h = x + o Wo;  m = RMSNorm(h)          linear_bf16, rmsnorm_bf16 (with the add)
  *   x = h + Wdown (silu(m Wg) * m Wu)      linear_bf16 (gate|up), silu_mul_bf16, linear_bf16, add
  *
- * (each linear_bf16 through linear_bf16_q4: a few rows on the weight's Q4_1 codes where it has them)
+ * (each linear_bf16 through linear_bf16_coded: a few rows on the weight's GGUF codes where it has them)
  */
 #include <stdint.h>
 
 #include "bf16.h"
 
-int linear_bf16_q4(const uint16_t *x, const uint16_t *w, const uint8_t *q4, const float *bias, uint16_t *y, int64_t M,
-                   int64_t N, int64_t K, int nthreads);
+int linear_bf16_coded(const uint16_t *x, const uint16_t *w, const uint8_t *codes, int kind, const float *bias,
+                      uint16_t *y, int64_t M, int64_t N, int64_t K, int nthreads);
 int paged_attention_bf16(const uint16_t *q, const uint16_t *kv, const int64_t *tables, const int64_t *lens,
                          const int64_t *row_table, uint16_t *out, float *scratch, int64_t B, int64_t nkv, int64_t g,
                          int64_t hd, int64_t bs, int64_t width, int64_t max_len, int num_threads);
@@ -34,7 +34,8 @@ struct layer_weights {
     const uint16_t *norm_in, *norm_post; /* (D) */
     const uint16_t *qkv, *o, *gate_up, *down; /* packed for linear_bf16 */
     const float *qkv_bias; /* NULL: none */
-    const uint8_t *qkv_q4, *o_q4, *gate_up_q4, *down_q4; /* their Q4_1 codes (linear_q4.c), or NULL */
+    const uint8_t *qkv_codes, *o_codes, *gate_up_codes, *down_codes; /* their GGUF codes (linear_codes.c), or NULL */
+    int32_t qkv_kind, o_kind, gate_up_kind, down_kind; /* the codes' ggml types */
 };
 
 /* The model's shapes and one step's inputs, shared by every layer of the step. */
@@ -66,16 +67,16 @@ int decoder_layer_bf16(const struct layer_weights *w, const struct layer_step *s
     uint16_t *h = a + T * D, *m = h + T * D, *gu = m + T * D, *act = gu + T * 2 * I;
     int rc;
     rmsnorm_bf16(x, 0, 0, w->norm_in, n, T, D, s->eps, s->nthreads);
-    if (linear_bf16_q4(n, w->qkv, w->qkv_q4, w->qkv_bias, qkv, T, nqkv, D, s->nthreads)) return 1;
+    if (linear_bf16_coded(n, w->qkv, w->qkv_codes, w->qkv_kind, w->qkv_bias, qkv, T, nqkv, D, s->nthreads)) return 1;
     rope_store_bf16(qkv, nqkv, s->cos, s->sin, T, s->nh, s->nkv, hd, s->scale, q, kv, s->rows, s->nthreads);
     rc = paged_attention_bf16(q, kv, s->tables, s->lens, s->row_table, o, s->scratch, T, s->nkv, s->nh / s->nkv, hd,
                               s->bs, s->width, s->max_len, s->nthreads);
     if (rc) return rc == -2 ? 3 : 2;
-    if (linear_bf16_q4(o, w->o, w->o_q4, 0, a, T, D, nq, s->nthreads)) return 1;
+    if (linear_bf16_coded(o, w->o, w->o_codes, w->o_kind, 0, a, T, D, nq, s->nthreads)) return 1;
     rmsnorm_bf16(x, a, h, w->norm_post, m, T, D, s->eps, s->nthreads);
-    if (linear_bf16_q4(m, w->gate_up, w->gate_up_q4, 0, gu, T, 2 * I, D, s->nthreads)) return 1;
+    if (linear_bf16_coded(m, w->gate_up, w->gate_up_codes, w->gate_up_kind, 0, gu, T, 2 * I, D, s->nthreads)) return 1;
     silu_mul_bf16(gu, act, T, I, s->nthreads);
-    if (linear_bf16_q4(act, w->down, w->down_q4, 0, a, T, D, I, s->nthreads)) return 1;
+    if (linear_bf16_coded(act, w->down, w->down_codes, w->down_kind, 0, a, T, D, I, s->nthreads)) return 1;
     for (int64_t i = 0; i < T * D; i++) x[i] = f32_to_bf16(bf16_to_f32(h[i]) + bf16_to_f32(a[i])); /* torch's bf16 add */
     return 0;
 }

@@ -91,9 +91,9 @@ int linear_amx_enable(void);
 int linear_bf16_amx(const uint16_t *x, const uint16_t *w, const float *bias, uint16_t *y, int64_t M, int64_t N,
                     int64_t K, int nthreads);
 
-int linear_q4_1_amx(const uint16_t *x, const uint8_t *q4, const float *bias, uint16_t *y, int64_t M, int64_t N,
-                    int64_t K, int nthreads);
-#define Q4_MAX_ROWS 32
+int linear_codes_amx(int kind, const uint16_t *x, const uint8_t *codes, const float *bias, uint16_t *y, int64_t M,
+                     int64_t N, int64_t K, int nthreads);
+#define CODED_MAX_ROWS 32
 int linear_bf16(const uint16_t *x, const uint16_t *w, const float *bias, uint16_t *y, int64_t M, int64_t N,
                 int64_t K, int nthreads);
 
@@ -106,12 +106,12 @@ int linear_bf16_available(void) { return amx_on ? 2 : 1; }
  * once, before any product: the two kinds of tiles give different bits. */
 int linear_bf16_use_amx(int on) { return amx_on = on && linear_amx_enable(); }
 
-/* linear_bf16 where the weight also has Q4_1 codes (linear_q4.c; NULL: none): up to
- * Q4_MAX_ROWS rows run on them, where AMX tiles are on (same bits, fewer bytes to stream). */
-int linear_bf16_q4(const uint16_t *x, const uint16_t *w, const uint8_t *q4, const float *bias, uint16_t *y, int64_t M,
-                   int64_t N, int64_t K, int nthreads) {
-    if (q4 && amx_on && K % 32 == 0 && M > 0 && M <= Q4_MAX_ROWS && N > 0)
-        return linear_q4_1_amx(x, q4, bias, y, M, N, K, nthreads);
+/* linear_bf16 where the weight also has GGUF codes (linear_codes.c; NULL: none) of ``kind``:
+ * up to CODED_MAX_ROWS rows run on them where AMX tiles are on (same bits, fewer bytes). */
+int linear_bf16_coded(const uint16_t *x, const uint16_t *w, const uint8_t *codes, int kind, const float *bias,
+                      uint16_t *y, int64_t M, int64_t N, int64_t K, int nthreads) {
+    if (codes && amx_on && K % 32 == 0 && M > 0 && M <= CODED_MAX_ROWS && N > 0)
+        return linear_codes_amx(kind, x, codes, bias, y, M, N, K, nthreads);
     return linear_bf16(x, w, bias, y, M, N, K, nthreads);
 }
 
@@ -160,9 +160,9 @@ int linear_bf16(const uint16_t *x, const uint16_t *w, const float *bias, uint16_
     return 2;
 }
 
-int linear_bf16_q4(const uint16_t *x, const uint16_t *w, const uint8_t *q4, const float *bias, uint16_t *y, int64_t M,
-                   int64_t N, int64_t K, int nthreads) {
-    (void)q4;
+int linear_bf16_coded(const uint16_t *x, const uint16_t *w, const uint8_t *codes, int kind, const float *bias,
+                      uint16_t *y, int64_t M, int64_t N, int64_t K, int nthreads) {
+    (void)codes, (void)kind;
     return linear_bf16(x, w, bias, y, M, N, K, nthreads);
 }
 
