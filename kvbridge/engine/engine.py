@@ -5,6 +5,7 @@ Not thread-safe: one thread calls everything (AsyncEngine wraps it for the serve
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -138,6 +139,10 @@ class LLMEngine:
         # the thread that calls step() should be the only one that ever ran parallel torch work
         in_passing_thread(lambda: self._load(config))
         release_freed_memory()  # the load's temporary buffers, kept by the thresholds
+        # what the load made lives as long as the process: the collector's full passes need
+        # not walk it again (as vLLM does after its start); the bench workload: ~1.5% faster
+        gc.collect()
+        gc.freeze()
 
     def _load(self, config: EngineConfig) -> None:
         t0 = time.perf_counter()

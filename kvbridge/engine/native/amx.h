@@ -42,6 +42,17 @@ static inline void store_block(uint16_t *y, int64_t N, const float *bias, int64_
         if (nb > 1) _tile_stored(3, &c[16][16], 128);
     }
     MEMORY_BARRIER();
+    if (nb == 2 && N - 16 * b >= 32) { /* a row's 32 outputs: one conversion, one store */
+        int64_t n = 16 * b;
+        __m512 b0 = bias ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();
+        __m512 b1 = bias ? _mm512_loadu_ps(bias + n + 16) : _mm512_setzero_ps();
+        for (int m = 0; m < rows; m++) {
+            __m512 lo = _mm512_loadu_ps(&c[m][0]), hi = _mm512_loadu_ps(&c[m][16]);
+            if (bias) lo = _mm512_add_ps(lo, b0), hi = _mm512_add_ps(hi, b1);
+            _mm512_storeu_si512(y + m * N + n, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+        return;
+    }
     for (int j = 0; j < nb; j++) {
         int64_t n = 16 * (b + j);
         __m512 bv = bias ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();
