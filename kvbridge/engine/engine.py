@@ -178,7 +178,10 @@ class LLMEngine:
             coded = 0
             if os.environ.get("KVBRIDGE_NATIVE_CODES", "1") != "0":  # 0: a decode step's products on bfloat16 too
                 coded = attach_codes(model, codes or {}, native.load(), spec.tie_word_embeddings)
-            extras = [e for e, on in (("AMX", kernel.available == 2), ("weights on huge pages", huge), (f"GGUF codes for decode in {coded} products", coded)) if on]
+            extras = [
+                e for e, on in (("AMX", kernel.available == 2), ("weights on huge pages", huge),
+                                (f"GGUF codes for decode in {coded} products", coded)) if on
+            ]  # fmt: skip
             self.linear_kind = f"native ({', '.join(extras)})" if extras else "native"
         else:
             self.packed_linears = pack_linears(model, dtype, device)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from kvbridge.engine.model_files import (  # noqa: F401  (re-exported with the loader)
     SUPPORTED_ARCHITECTURES,
     GGUFFile,
+    GGUFTensorInfo,
     WeightsError,
     gguf_spec,
     hf_spec,
@@ -98,7 +98,7 @@ def gguf_tensor(f: GGUFFile, name: str) -> np.ndarray:
     return dequantize(raw, info.qtype, info.shape)
 
 
-def gguf_blocks(f: GGUFFile, name: str) -> tuple[np.ndarray, Any]:
+def gguf_blocks(f: GGUFFile, name: str) -> tuple[np.ndarray, GGUFTensorInfo]:
     """One tensor's bytes as stored (its ggml blocks, a view of the file), and its info."""
     info = f.tensors.get(name)
     if info is None:
