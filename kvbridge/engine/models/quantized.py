@@ -39,11 +39,11 @@ _PARTS = {
 
 def _stacked(codes: Codes, names: list[str]) -> tuple[int, np.ndarray] | None:
     """(ggml type id, blocks of the stacked rows) when every tensor is of one type taken, else None."""
-    found = [codes.get(name) for name in names]
-    kinds = {c[0] for c in found if c is not None}
-    if None in found or len(kinds) != 1 or (kind := next(iter(kinds))) not in CODE_KINDS:
+    found = [c for name in names if (c := codes.get(name)) is not None]
+    kinds = {kind for kind, _ in found}
+    if len(found) != len(names) or len(kinds) != 1 or (kind := next(iter(kinds))) not in CODE_KINDS:
         return None
-    return CODE_KINDS[kind], np.concatenate([c[1] for c in found if c is not None])
+    return CODE_KINDS[kind], np.concatenate([blocks for _, blocks in found])
 
 
 def _products(model: nn.Module, codes: Codes, tied: bool) -> list[tuple[NativeLinear, int, np.ndarray]]:

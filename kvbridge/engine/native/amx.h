@@ -1,5 +1,5 @@
-/* What linear_amx.c and linear_q4.c share: the tile configuration of a block of up to 32 rows
- * x 32 outputs, and its store. Include only where __AMX_TILE__, __AMX_BF16__ and
+/* What linear_amx.c and linear_codes.c share: the tile configuration of a block of up to 32
+ * rows x 32 outputs, its products and its store. Include only where __AMX_TILE__, __AMX_BF16__ and
  * __AVX512BF16__ are defined. */
 #ifndef KVBRIDGE_AMX_H
 #define KVBRIDGE_AMX_H
@@ -30,6 +30,32 @@ static inline void configure(int r0, int r1) {
         c.colsb[t] = rows[t] ? 64 : 0;
     }
     _tile_loadconfig(&c);
+}
+
+/* Zero the C tiles of a block: output blocks nb (1 or 2), a second row tile when r1 */
+static inline void zero_block(int nb, int r1) {
+    _tile_zero(0);
+    if (nb > 1) _tile_zero(1);
+    if (r1) {
+        _tile_zero(2);
+        if (nb > 1) _tile_zero(3);
+    }
+}
+
+/* One 32-input step of a block: x's rows (xs bytes apart; x1 the second row tile's) against
+ * the B tiles at b0 and b1 (64-byte rows), added into the C tiles */
+static inline void block_step(const uint16_t *x, const uint16_t *x1, int64_t xs, const uint16_t *b0,
+                              const uint16_t *b1, int nb, int r1) {
+    _tile_loadd(4, x, xs);
+    _tile_loadd(6, b0, 64);
+    if (r1) _tile_loadd(5, x1, xs);
+    _tile_dpbf16ps(0, 4, 6);
+    if (r1) _tile_dpbf16ps(2, 5, 6);
+    if (nb > 1) {
+        _tile_loadd(7, b1, 64);
+        _tile_dpbf16ps(1, 4, 7);
+        if (r1) _tile_dpbf16ps(3, 5, 7);
+    }
 }
 
 /* The C tiles of rows 0..rows of output blocks b.. (nb) plus the bias, rounded to bf16, into y */

@@ -50,6 +50,17 @@ static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 static inline __m512 widen16(const uint16_t *x) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
 }
+
+/* exp_nonpos's polynomial in r on 16 lanes, up to its last step (which the callers take in
+ * their own order): Cephes' coefficients, one FMA each */
+static inline __m512 exp_poly16(__m512 r) {
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    return _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+}
 #endif
 
 #endif

@@ -37,24 +37,8 @@ static void block(const uint16_t *x, int64_t K, const uint16_t *w, const float *
                   int64_t b, int nb, int r0, int r1) {
     const int64_t xs = K * 2, wstride = K * 16; /* bytes between rows of x; bf16 values between blocks */
     const uint16_t *w0 = w + b * wstride, *w1 = w0 + wstride, *x1 = x + 16 * K;
-    _tile_zero(0);
-    if (nb > 1) _tile_zero(1);
-    if (r1) {
-        _tile_zero(2);
-        if (nb > 1) _tile_zero(3);
-    }
-    for (int64_t k = 0; k < K; k += 32) {
-        _tile_loadd(4, x + k, xs);
-        _tile_loadd(6, w0 + k * 16, 64);
-        if (r1) _tile_loadd(5, x1 + k, xs);
-        _tile_dpbf16ps(0, 4, 6);
-        if (r1) _tile_dpbf16ps(2, 5, 6);
-        if (nb > 1) {
-            _tile_loadd(7, w1 + k * 16, 64);
-            _tile_dpbf16ps(1, 4, 7);
-            if (r1) _tile_dpbf16ps(3, 5, 7);
-        }
-    }
+    zero_block(nb, r1);
+    for (int64_t k = 0; k < K; k += 32) block_step(x + k, x1 + k, xs, w0 + k * 16, w1 + k * 16, nb, r1);
     store_block(y, N, bias, b, nb, r0 + r1);
 }
 

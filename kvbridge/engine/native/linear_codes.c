@@ -145,28 +145,14 @@ static inline void block_codes(int kind, const uint16_t *x, int64_t K, const uin
     const int64_t xs = K * 2, kt = K / 32, tb = tile_bytes(kind);
     const uint8_t *t0 = codes + b * kt * tb, *t1 = t0 + kt * tb;
     const uint16_t *x1 = x + 16 * K;
-    _tile_zero(0);
-    if (nb > 1) _tile_zero(1);
-    if (r1) {
-        _tile_zero(2);
-        if (nb > 1) _tile_zero(3);
-    }
+    zero_block(nb, r1);
     for (int64_t t = 0; t < kt; t++) {
         uint16_t(*B)[512] = buf[t & 1];
         MEMORY_BARRIER(); /* the tile loads of two steps ago read this buffer first */
         unpack(kind, t0 + t * tb, B[0]);
         if (nb > 1) unpack(kind, t1 + t * tb, B[1]);
         MEMORY_BARRIER();
-        _tile_loadd(4, x + 32 * t, xs);
-        _tile_loadd(6, B[0], 64);
-        if (r1) _tile_loadd(5, x1 + 32 * t, xs);
-        _tile_dpbf16ps(0, 4, 6);
-        if (r1) _tile_dpbf16ps(2, 5, 6);
-        if (nb > 1) {
-            _tile_loadd(7, B[1], 64);
-            _tile_dpbf16ps(1, 4, 7);
-            if (r1) _tile_dpbf16ps(3, 5, 7);
-        }
+        block_step(x + 32 * t, x1 + 32 * t, xs, B[0], B[1], nb, r1);
     }
     store_block(y, N, bias, b, nb, r0 + r1);
 }
