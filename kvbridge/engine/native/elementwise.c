@@ -3,14 +3,12 @@
  *
  * Roundings follow torch's bf16 ops (compute in float32, round to bf16 where torch stores a
  * tensor), and every row is computed alone in a fixed order: the same bits in any batch.
- * Small calls run on one thread; OpenMP only pays for itself on a prompt's rows.
+ * Calls of fewer than PARALLEL_FROM values (bf16.h) run on one thread.
  */
 #include <math.h>
 #include <stdint.h>
 
 #include "bf16.h"
-
-#define PARALLEL_FROM (1 << 15) /* elements: below, one thread */
 
 /* sum of squares, 16 float32 lanes then a fixed tree */
 static inline float sum_squares(const uint16_t *x, int64_t n) {
