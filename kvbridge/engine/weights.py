@@ -81,6 +81,10 @@ def quant_type(qtype: int, what: str = "tensor") -> GGMLQuantizationType:
     return kind
 
 
+# load_model's ``codes``: HF name -> (ggml type name, its blocks as stored, one row per output)
+Codes = dict[str, tuple[str, np.ndarray]]
+
+
 def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> np.ndarray:
     """Dequantize the bytes of one tensor of ggml type ``qtype`` to float32 of ``shape``."""
     kind = quant_type(qtype)
@@ -139,7 +143,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _load_gguf(
-    path: Path, dtype: torch.dtype, device: str | torch.device, codes: dict[str, tuple[str, np.ndarray]] | None = None
+    path: Path, dtype: torch.dtype, device: str | torch.device, codes: Codes | None = None
 ) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     f = read_gguf(path)
     spec = gguf_spec(f)
@@ -200,7 +204,7 @@ def _load_hf(folder: Path, dtype: torch.dtype, device: str | torch.device) -> tu
 
 def load_model(
     path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-    codes: dict[str, tuple[str, np.ndarray]] | None = None,
+    codes: Codes | None = None,
 ) -> tuple[ModelSpec, dict[str, torch.Tensor]]:  # fmt: skip
     """Load a model's spec and weights (HF Llama names, ``[out, in]``, cast to ``dtype``).
 

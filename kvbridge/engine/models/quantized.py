@@ -23,10 +23,9 @@ from torch import nn
 from kvbridge.engine.host_memory import host_region
 from kvbridge.engine.models.packed import NativeLinear
 from kvbridge.engine.native import CODE_KINDS, Kernels, pack_codes
+from kvbridge.engine.weights import Codes
 
 log = logging.getLogger("kvbridge.engine.quantized")
-
-Codes = dict[str, tuple[str, np.ndarray]]  # HF name -> (ggml type, blocks one row per output)
 
 # each fused product of a layer and the checkpoint tensors whose rows it stacks, in order
 _PARTS = {

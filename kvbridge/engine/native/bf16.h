@@ -43,19 +43,21 @@ static inline float exp_nonpos(float x) {
 /* float32 rounded to bfloat16 and back: what a bf16 tensor op stores */
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
-/* Element-wise calls (elementwise.c) of fewer values run on one thread. A decode step of 16 rows of the default model is above it (16 x 576 = 9216 values):
- * its OpenMP threads spin between the products anyway, and splitting the element-wise work
- * between the two cores of a 2-core VM took a median 16-row decode step from 19.1-19.7 to
- * 18.6 ms (2^15 before: every decode row count ran them on one thread). */
+/* Element-wise calls (elementwise.c) of fewer values run on one thread. A decode step of 16
+ * rows of the default model is above it (16 x 576 = 9216 values): its OpenMP threads spin
+ * between the products anyway, and splitting the element-wise work between the two cores of a
+ * 2-core VM took a median 16-row decode step from 19.1-19.7 to 18.6-19.2 ms (2^15 before:
+ * every decode row count ran them on one thread). */
 #define PARALLEL_FROM (1 << 12)
 
 #ifdef __AVX512F__
 #include <immintrin.h>
 
-/* 16 bf16 values at x widened to float32 (exact) */
-static inline __m512 widen16(const uint16_t *x) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
-}
+/* 16 bf16 values (their bits) widened to float32 (exact) */
+static inline __m512 widen16_bits(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
+
+/* 16 bf16 values at x widened to float32 */
+static inline __m512 widen16(const uint16_t *x) { return widen16_bits(_mm256_loadu_si256((const __m256i *)x)); }
 
 /* exp_nonpos's polynomial in r on 16 lanes, up to its last step (which the callers take in
  * their own order): Cephes' coefficients, one FMA each */

@@ -93,7 +93,7 @@ static inline void silu_mul16(const uint16_t *g, const uint16_t *u, uint16_t *o)
     const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NGE_UQ); /* not x >= 0 */
     const __m512 num = _mm512_mask_mul_ps(x, neg, x, e);
     const __m512 silu = _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-    const __m512 sr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16x16(silu)), 16));
+    const __m512 sr = widen16_bits(bf16x16(silu));
     _mm256_storeu_si256((__m256i *)o, bf16x16(_mm512_mul_ps(sr, widen16(u))));
 }
 #endif
