@@ -43,6 +43,27 @@ def test_add_rmsnorm_gives_the_sum_and_its_norm():
         assert torch.equal(out, OPS.rmsnorm(x + a, norm.weight, norm.eps))
 
 
+def test_rmsnorm_is_the_arithmetic_its_kernel_states():
+    """Bit for bit, elementwise.c's arithmetic written with torch: the sum of squares in 16
+    float32 partial sums (a bf16 value's square is exact), added in sum16's tree; then
+    bf16(w * bf16(x * r)). Rows of 576 run in AVX-512 lanes where the CPU has them, element
+    by element elsewhere."""
+    D = 576
+    norm = norm_layer(D)
+    x = rand(64, D, scale=3)
+    x[0] *= 1e-20  # tiny squares, next to an eps that dominates
+    x[1, ::7] = 0.0
+    part = torch.zeros(x.shape[0], 16, dtype=torch.float32)
+    for chunk in x.float().split(16, dim=1):
+        part = part + chunk**2
+    for w in (8, 4, 2, 1):
+        part = part[:, :w] + part[:, w : 2 * w]
+    r = 1.0 / torch.sqrt(part / D + norm.eps)
+    ref = (norm.weight.float() * (x.float() * r).bfloat16().float()).bfloat16()
+    out = OPS.rmsnorm(x, norm.weight, norm.eps)
+    assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
+
+
 def test_silu_mul_matches_torch():
     gu = rand(50, 2 * 200, scale=4)
     gu[0, :8] = torch.tensor([0.0, -0.0, 90.0, -90.0, 1e-30, -1e-30, 3e38, -3e38])  # exp's ends

@@ -59,6 +59,18 @@ static inline __m512 widen16_bits(__m256i b) { return _mm512_castsi512_ps(_mm512
 /* 16 bf16 values at x widened to float32 */
 static inline __m512 widen16(const uint16_t *x) { return widen16_bits(_mm256_loadu_si256((const __m256i *)x)); }
 
+/* The sum of 16 lanes in a fixed tree (lanes i and i+8, then i+4, i+2, i+1): the order of
+ * the scalar kernels' 16 partial sums, and the one paged_attention.c's prompt path, which keeps
+ * each lane of 16 keys in its own register, repeats; _mm512_reduce_add_ps may use another. */
+#ifdef __AVX512DQ__
+static inline float sum16(__m512 a) {
+    __m256 w = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(w), _mm256_extractf128_ps(w, 1));
+    __m128 y = _mm_add_ps(x, _mm_movehl_ps(x, x)); /* lanes 0+2, 1+3 */
+    return _mm_cvtss_f32(_mm_add_ss(y, _mm_movehdup_ps(y)));
+}
+#endif
+
 /* exp_nonpos's polynomial in r on 16 lanes, up to its last step (which the callers take in
  * their own order): Cephes' coefficients, one FMA each */
 static inline __m512 exp_poly16(__m512 r) {

@@ -50,16 +50,6 @@ static inline __m512 exp_nonpos16(__m512 x) {
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-/* The sum of 16 lanes in a fixed tree (lanes i and i+8, then i+4, i+2, i+1), written out so
- * that the prompt path below, which keeps each lane of 16 keys in its own register, can add
- * them in exactly this order; a compiler's _mm512_reduce_add_ps may use another. */
-static inline float sum16(__m512 a) {
-    __m256 w = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(w), _mm256_extractf128_ps(w, 1));
-    __m128 y = _mm_add_ps(x, _mm_movehl_ps(x, x)); /* lanes 0+2, 1+3 */
-    return _mm_cvtss_f32(_mm_add_ss(y, _mm_movehdup_ps(y)));
-}
-
 /* Scores s[0..L) (max mx) → exp(s - mx) in place; returns their sum. */
 static inline float softmax_row(float *si, int64_t L, float mx) {
     const __m512 m = _mm512_set1_ps(mx);
