@@ -21,6 +21,14 @@
  * of 16 lanes, the B row's two halves: a multiply (Q4_1: an FMA) each with the scales (and
  * minimums) laid out to match, one conversion of the 32 floats to bfloat16 in the tile's order.
  *
+ * Rebuilding, not the memory, bounds this kernel (Q4_1 codes came at ~10 GB/s, where the
+ * packed bfloat16 weights stream at 25-30), so it is laid out for the rebuild: a Q4_1 code
+ * becomes a float by a vpermps lookup (no mask, no conversion); step t + 1's tiles are rebuilt
+ * while step t's products run, so no tile load waits for stores just made; the codes are
+ * prefetched three steps ahead. The default model's decode products at 16 rows, 2 threads,
+ * on the 2-core test VM (each one-step variant alternated in one process): layers 7.5 ->
+ * 6.1 ms, head 1.62 -> 1.48 ms; at 1 row 7.0 -> 5.6 ms, at 32 rows 8.0 -> 7.3 ms.
+ *
  * ``kind`` is the ggml type id: 3 (Q4_1) or 8 (Q8_0).
  */
 #include <stdint.h>
@@ -81,12 +89,13 @@ static inline void unpack_q4_1(const uint8_t *t, uint16_t *buf) {
     __m512 dlo, dhi, mlo, mhi;
     halves(t + 256, &dlo, &dhi);
     halves(t + 288, &mlo, &mhi);
-    const __m512i low4 = _mm512_set1_epi32(15);
+    const __m512 q = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int p = 0; p < 16; p++) {
         __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(t + 16 * p)));
-        /* d * q is exact in float32 (11 by 4 bits): the FMA rounds once, as d * q + m does */
-        __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low4)), dlo, mlo);
-        __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), dhi, mhi);
+        /* a code as a float: the lane of q its low 4 bits pick (vpermps reads no more of it);
+         * d * q is exact in float32 (11 by 4 bits): the FMA rounds once, as d * q + m does */
+        __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, q), dlo, mlo);
+        __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), q), dhi, mhi);
         _mm512_store_si512(buf + 32 * p, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
 }
@@ -146,13 +155,23 @@ static inline void block_codes(int kind, const uint16_t *x, int64_t K, const uin
     const uint8_t *t0 = codes + b * kt * tb, *t1 = t0 + kt * tb;
     const uint16_t *x1 = x + 16 * K;
     zero_block(nb, r1);
+    unpack(kind, t0, buf[0][0]);
+    if (nb > 1) unpack(kind, t1, buf[0][1]);
     for (int64_t t = 0; t < kt; t++) {
-        uint16_t(*B)[512] = buf[t & 1];
-        MEMORY_BARRIER(); /* the tile loads of two steps ago read this buffer first */
-        unpack(kind, t0 + t * tb, B[0]);
-        if (nb > 1) unpack(kind, t1 + t * tb, B[1]);
+        /* step t's tiles, rebuilt one step ago: their stores are out of the store buffer, so
+         * the tile loads need not wait for them (a tile load right after them did) */
         MEMORY_BARRIER();
-        block_step(x + 32 * t, x1 + 32 * t, xs, B[0], B[1], nb, r1);
+        block_step(x + 32 * t, x1 + 32 * t, xs, buf[t & 1][0], buf[t & 1][1], nb, r1);
+        MEMORY_BARRIER(); /* step t + 1's go where step t - 1's were loaded from */
+        if (t + 3 < kt) /* the codes of step t + 3 into L1, 1-2 KB ahead of their use */
+            for (int64_t l = 0; l < tb; l += 64) {
+                _mm_prefetch((const char *)(t0 + (t + 3) * tb + l), _MM_HINT_T0);
+                if (nb > 1) _mm_prefetch((const char *)(t1 + (t + 3) * tb + l), _MM_HINT_T0);
+            }
+        if (t + 1 < kt) {
+            unpack(kind, t0 + (t + 1) * tb, buf[(t + 1) & 1][0]);
+            if (nb > 1) unpack(kind, t1 + (t + 1) * tb, buf[(t + 1) & 1][1]);
+        }
     }
     store_block(y, N, bias, b, nb, r0 + r1);
 }
