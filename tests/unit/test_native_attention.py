@@ -72,10 +72,8 @@ def test_a_request_gives_the_same_bits_alone_and_in_any_batch():
         assert torch.equal(alone, together[b : b + 1])
 
 
-@pytest.mark.parametrize("hd", [64, 128, 24])  # 64, 128: the prompt path where the CPU has AVX-512 BF16
-def test_a_prompt_token_gets_the_bits_of_a_decode_step(hd):
-    """Every row of a 70-token prompt, each bounded by its position, equals that token computed
-    alone as a decode step: chunked, cached or recomputed prompts cannot drift from decodes."""
+def prompt_and_decodes(hd: int):
+    """A 70-token prompt's rows, each bounded by its position, as one prompt and as 70 decode steps."""
     kern = native.load().paged_attention
     n = 70
     _, kv, tables, _ = paged_case([n, 20], NKV * 3, hd, seed=5)
@@ -83,11 +81,44 @@ def test_a_prompt_token_gets_the_bits_of_a_decode_step(hd):
     q = (torch.randn(n, NKV * 3, hd, generator=gen) * hd**-0.5).bfloat16()
     lens = torch.arange(1, n + 1)
     prompt = kern(q, kv, tables, lens, n, row_table=torch.zeros(n, dtype=torch.long))
-    for p in range(n):
-        alone = kern(q[p : p + 1], kv, tables[:1], lens[p : p + 1], p + 1)
-        assert torch.equal(alone, prompt[p : p + 1]), p
+    alone = torch.cat([kern(q[p : p + 1], kv, tables[:1], lens[p : p + 1], p + 1) for p in range(n)])
     ref = torch.cat([reference(q[p : p + 1], kv, tables[:1], lens[p : p + 1]) for p in range(n)])
-    assert ((prompt.double() - ref).abs() <= ref.abs().clamp(min=2**-20) * 2**-7).all()
+    return prompt, alone, ref
+
+
+@pytest.fixture
+def amx_off():
+    """The process's AMX tiles off (products and attention scores), as they were afterwards."""
+    lib = native.load().lib
+    was_on = lib.linear_bf16_available() == 2
+    lib.linear_bf16_use_amx(0)
+    yield
+    lib.linear_bf16_use_amx(int(was_on))
+
+
+@pytest.mark.parametrize("hd", [64, 128, 24])  # 64, 128: the prompt path where the CPU has AVX-512 BF16
+def test_a_prompt_token_gets_the_bits_of_a_decode_step(hd):
+    """Every row of a prompt equals that token computed alone as a decode step: chunked, cached
+    or recomputed prompts cannot drift from decodes."""
+    prompt, alone, ref = prompt_and_decodes(hd)
+    for p in range(len(prompt)):
+        assert torch.equal(alone[p], prompt[p]), p
+    step = (ref.abs() * 2**-7).clamp(min=2**-20)  # as in the float64 test above
+    assert ((prompt.double() - ref).abs() <= step).all()
+
+
+@pytest.mark.parametrize("hd", [64, 128])
+def test_the_scores_run_on_amx_tiles_where_they_are_on_and_both_ways_agree_with_decodes(hd, request):
+    """With AMX tiles on, the scores run on them (other sums than the AVX-512 lanes', so other
+    bits somewhere in 70 x 9 x hd outputs); with them off, the lanes' prompt and decode paths
+    still agree to the bit."""
+    on, _, ref = prompt_and_decodes(hd)
+    request.getfixturevalue("amx_off")
+    off, alone, _ = prompt_and_decodes(hd)
+    assert torch.equal(alone, off)
+    step = (ref.abs() * 2**-7).clamp(min=2**-20)
+    assert ((off.double() - ref).abs() <= step).all()
+    assert torch.equal(on, off) == (native.load().linear.available != 2)
 
 
 def test_an_unsupported_shape_is_an_error_not_a_wrong_answer():

@@ -15,6 +15,14 @@
  * Arithmetic: bf16 inputs widened to float32; scores, softmax and the weighted sum of V in
  * float32; one rounding, to bf16 (nearest even), at the end. Each (row, KV head) is computed
  * alone, in a fixed order, so a row's output never depends on its batch.
+ *
+ * Scores: where the process turned AMX tiles on (linear.c) and the shape allows (head dim 64
+ * or 128, block size a multiple of 16), on tiles (``scores_amx``) for decode rows and prompts
+ * alike; else in AVX-512 BF16 lanes (decode: one key at a time; prompt: K transposed, the same
+ * sums). The two give other bits, so one rule picks for both paths. On the 2-core test VM
+ * the tiles took a decode step's attention (16 rows of 92-432 tokens, the default model's 30
+ * layers) from 5.8-6.3 to 4.2-4.9 ms; what is left is mostly waiting for K and V from memory
+ * (hence K prefetched two blocks ahead), and the weighted sum of V.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -102,20 +110,156 @@ static inline __attribute__((always_inline)) void prefetch_span(const uint16_t *
         for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
 }
 
+/* out[w] lane l = dword w of r[l], for w, l < 16: a 16 x 16 transpose of dwords in four
+ * rounds of shuffles (pairs, quads, 128-bit lanes twice). */
+static inline void transpose16(const __m512i r[16], __m512i out[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* t[2p]: rows 2p,2p+1 at dwords {0,1} of each 128-bit lane; t[2p+1]: at dwords {2,3} */
+    for (int i = 0; i < 16; i += 4) {
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);     /* rows i..i+3, dword 0 of each lane */
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]); /* dword 1 */
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]); /* dword 2 */
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]); /* dword 3 */
+    }
+    /* u[4a + d]: rows 4a..4a+3 of dwords d, 4+d, 8+d, 12+d (one per 128-bit lane) */
+    for (int d = 0; d < 4; d++) {
+        const __m512i v0 = _mm512_shuffle_i32x4(u[d], u[4 + d], 0x88);      /* dwords d, 8+d: rows 0-3, 4-7 */
+        const __m512i v1 = _mm512_shuffle_i32x4(u[d], u[4 + d], 0xdd);      /* dwords 4+d, 12+d */
+        const __m512i v2 = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], 0x88); /* rows 8-11, 12-15 */
+        const __m512i v3 = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], 0xdd);
+        out[d] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+        out[8 + d] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+        out[4 + d] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        out[12 + d] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+    }
+}
+
+/* dst[w * 16 + l] = dword w of r[l] */
+static inline void transpose16_store(const __m512i r[16], uint32_t *dst) {
+    __m512i out[16];
+    transpose16(r, out);
+    for (int w = 0; w < 16; w++) _mm512_storeu_si512(dst + w * 16, out[w]);
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include "amx.h"
+#define HAVE_AMX_SCORES 1
+int linear_bf16_available(void); /* linear.c: 2 once this process turned the AMX tiles on */
+
+/* Tiles of a score step: C (tmm0 or tmm7) = the 16 keys at k (A: 16 rows of HD dims, HD * 2
+ * bytes apart, 32 dims a step in tmm1 and tmm6 by turns) times the query tiles in tmm2.. */
+#define SCORE_TILE(C, k, HD)                                                    \
+    do {                                                                        \
+        _tile_zero(C);                                                          \
+        _tile_loadd(1, (k), (HD) * 2);                                          \
+        _tile_dpbf16ps(C, 1, 2);                                                \
+        _tile_loadd(6, (k) + 32, (HD) * 2);                                     \
+        _tile_dpbf16ps(C, 6, 3);                                                \
+        if ((HD) == 128) {                                                      \
+            _tile_loadd(1, (k) + 64, (HD) * 2);                                 \
+            _tile_dpbf16ps(C, 1, 4);                                            \
+            _tile_loadd(6, (k) + 96, (HD) * 2);                                 \
+            _tile_dpbf16ps(C, 6, 5);                                            \
+        }                                                                       \
+    } while (0)
+
+/* Scores on AMX tiles, the same for a decode row and a prompt's rows: query vector v < nv is
+ * at q + (v / g) * qrow + (v % g) * HD and reads the first lens[v / g] keys of KV head h; its
+ * scores go to s + v * ls. Per 16 vectors, their dims transposed into pairs once (B tiles: row w
+ * holds dims 2w, 2w + 1 of each vector, HD / 32 tiles); per 16 keys, their rows straight from
+ * the cache as A tiles (bs a multiple of 16, so the 16 lie in one block), C[key][vector]
+ * transposed in registers. A score is one C element: the products of its 32 dim pairs a step
+ * added in order, step after step (TDPBF16PS: exact bf16 products, float32 sums, denormals
+ * flushed); its bits depend on its query and key alone, not on the tile's other rows and
+ * columns. Keys past a vector's length are computed (stale cache rows: any bits) and never
+ * stored. configure(16, 16) must be on: every tile 16 rows x 64 bytes. */
+static inline __attribute__((always_inline)) void scores_amx(const int HD, const uint16_t *q, int64_t qrow, int64_t nv,
+                                                              int64_t g, const int64_t *lens, const uint16_t *kv,
+                                                              const int64_t *table, int64_t bs, int64_t h,
+                                                              int64_t nkv, int64_t block_elems, float *s, int64_t ls) {
+    const int bs_shift = __builtin_ctzll((unsigned long long)bs);
+    const int64_t bs_mask = bs - 1, span = bs * HD * 2, k_at = h * bs * HD, v_at = (nkv + h) * bs * HD;
+    uint32_t qt[HD / 32][256] __attribute__((aligned(64)));
+    float c[2][256] __attribute__((aligned(64))); /* C of even and odd key tiles */
+    for (int64_t v0 = 0; v0 < nv; v0 += 16) {
+        const int64_t n = nv - v0 < 16 ? nv - v0 : 16;
+        int64_t L = 0;
+        for (int64_t v = v0; v < v0 + n; v++) L = lens[v / g] > L ? lens[v / g] : L;
+        for (int k = 0; k < HD / 32; k++) {
+            __m512i r[16];
+            for (int64_t l = 0; l < 16; l++)
+                r[l] = l < n ? _mm512_loadu_si512(q + ((v0 + l) / g) * qrow + ((v0 + l) % g) * HD + 32 * k)
+                             : _mm512_setzero_si512();
+            transpose16_store(r, qt[k]);
+        }
+        MEMORY_BARRIER();
+        _tile_loadd(2, qt[0], 64);
+        _tile_loadd(3, qt[1], 64);
+        if (HD == 128) {
+            _tile_loadd(4, qt[2 % (HD / 32)], 64);
+            _tile_loadd(5, qt[3 % (HD / 32)], 64);
+        }
+        /* tile j's products are issued before tile j - 1's C is read back: the C store and
+         * the loads that follow it are a tile apart */
+        const int64_t blocks = (L + bs - 1) >> bs_shift;
+        if (blocks) prefetch_span(kv + table[0] * block_elems + k_at, span, 0);
+        if (blocks > 1) prefetch_span(kv + table[1] * block_elems + k_at, span, 0);
+        for (int64_t t = 0; t < L + 16; t += 16) {
+            if (t < L) {
+                const int64_t j = t >> bs_shift;
+                if ((t & bs_mask) == 0) { /* task_avx512's prefetches: the next block's K, this one's V */
+                    if (j + 2 < blocks) prefetch_span(kv + table[j + 2] * block_elems + k_at, span, 0);
+                    prefetch_span(kv + table[j] * block_elems + v_at, span, 1);
+                }
+                const uint16_t *k = kv + table[j] * block_elems + k_at + (t & bs_mask) * HD;
+                if ((t >> 4) & 1) {
+                    SCORE_TILE(7, k, HD);
+                    _tile_stored(7, c[1], 64);
+                } else {
+                    SCORE_TILE(0, k, HD);
+                    _tile_stored(0, c[0], 64);
+                }
+            }
+            MEMORY_BARRIER();
+            if (t == 0) continue;
+            const int64_t t0 = t - 16;
+            const float *cj = c[(t0 >> 4) & 1];
+            __m512i r[16], out[16];
+            for (int l = 0; l < 16; l++) r[l] = _mm512_load_si512(cj + 16 * l);
+            transpose16(r, out);
+            for (int64_t v = 0; v < n; v++) {
+                const int64_t left = lens[(v0 + v) / g] - t0;
+                if (left > 0)
+                    _mm512_mask_storeu_ps(s + (v0 + v) * ls + t0, left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u),
+                                          _mm512_castsi512_ps(out[v]));
+            }
+        }
+    }
+}
+#endif
+
 /* One (row, KV head): hd a multiple of 32, at most 8 query heads a group, hd <= 256. Inlined
  * with hd a constant (64, 128) where it can be, so that the accumulators of the weighted sum
  * of V stay in registers: it takes HP heads a pass (each pass reads V again), as many as 16
  * registers hold. */
 static inline __attribute__((always_inline)) void
 task_avx512(const int64_t hd, const uint16_t *qb, const uint16_t *kv, const int64_t *table, int64_t L, uint16_t *ob,
-            float *s, int64_t g, int64_t bs, int64_t h, int64_t nkv, int64_t block_elems) {
+            float *s, int64_t g, int64_t bs, int64_t h, int64_t nkv, int64_t block_elems, int amx) {
     const int64_t nq = hd / 32; /* 32 bf16 pairs per dpbf16 */
     const int bs_shift = __builtin_ctzll((unsigned long long)bs); /* bs is a power of two */
     const int64_t bs_mask = bs - 1;
     const int64_t span = bs * hd * 2, blocks = (L + bs - 1) >> bs_shift; /* one head's K (or V) in a block */
     const int64_t k_at = h * bs * hd, v_at = (nkv + h) * bs * hd;
-    if (blocks) prefetch_span(kv + table[0] * block_elems + k_at, span, 0);
-    for (int64_t t = 0; t < L; t++) {
+#ifdef HAVE_AMX_SCORES
+    if (amx) /* hd 64 or 128, bs a multiple of 16 */
+        scores_amx(hd == 128 ? 128 : 64, qb, 0, g, g, &L, kv, table, bs, h, nkv, block_elems, s, L);
+#endif
+    if (!amx && blocks) prefetch_span(kv + table[0] * block_elems + k_at, span, 0);
+    for (int64_t t = 0; t < L && !amx; t++) {
         if ((t & bs_mask) == 0) { /* a new block: the next one's K to L1, this one's V to L2 for the pass over V */
             const int64_t j = t >> bs_shift;
             if (j + 1 < blocks) prefetch_span(kv + table[j + 1] * block_elems + k_at, span, 0);
@@ -156,44 +300,16 @@ task_avx512(const int64_t hd, const uint16_t *qb, const uint16_t *kv, const int6
     }
 }
 
-/* dst[w * 16 + l] = dword w of r[l], for w, l < 16: a 16 x 16 transpose of dwords in four
- * rounds of shuffles (pairs, quads, 128-bit lanes twice). */
-static inline void transpose16_store(__m512i r[16], uint32_t *dst) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    /* t[2p]: rows 2p,2p+1 at dwords {0,1} of each 128-bit lane; t[2p+1]: at dwords {2,3} */
-    for (int i = 0; i < 16; i += 4) {
-        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);     /* rows i..i+3, dword 0 of each lane */
-        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]); /* dword 1 */
-        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]); /* dword 2 */
-        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]); /* dword 3 */
-    }
-    /* u[4a + d]: rows 4a..4a+3 of dwords d, 4+d, 8+d, 12+d (one per 128-bit lane) */
-    for (int d = 0; d < 4; d++) {
-        const __m512i v0 = _mm512_shuffle_i32x4(u[d], u[4 + d], 0x88);      /* dwords d, 8+d: rows 0-3, 4-7 */
-        const __m512i v1 = _mm512_shuffle_i32x4(u[d], u[4 + d], 0xdd);      /* dwords 4+d, 12+d */
-        const __m512i v2 = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], 0x88); /* rows 8-11, 12-15 */
-        const __m512i v3 = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], 0xdd);
-        _mm512_storeu_si512(dst + d * 16, _mm512_shuffle_i32x4(v0, v2, 0x88));
-        _mm512_storeu_si512(dst + (8 + d) * 16, _mm512_shuffle_i32x4(v0, v2, 0xdd));
-        _mm512_storeu_si512(dst + (4 + d) * 16, _mm512_shuffle_i32x4(v1, v3, 0x88));
-        _mm512_storeu_si512(dst + (12 + d) * 16, _mm512_shuffle_i32x4(v1, v3, 0xdd));
-    }
-}
-
 /* NP heads' weighted sums of V (their scores s, NP rows of L, and V widened to float32, vf)
  * in one pass over V, each head's sum in order of t; NP and HD constants where inlined. */
 static inline __attribute__((always_inline)) void weighted_v(const int NP, const int HD, const float *s, int64_t L,
-                                                             const float *vf, uint16_t *o, const float *sum) {
+                                                             int64_t ls, const float *vf, uint16_t *o, const float *sum) {
     __m512 a[4][HD / 16];
     for (int j = 0; j < NP; j++)
         for (int c = 0; c < HD / 16; c++) a[j][c] = _mm512_setzero_ps();
     for (int64_t t = 0; t < L; t++) {
         __m512 p[4];
-        for (int j = 0; j < NP; j++) p[j] = _mm512_set1_ps(s[j * L + t]);
+        for (int j = 0; j < NP; j++) p[j] = _mm512_set1_ps(s[j * ls + t]);
         for (int c = 0; c < HD / 16; c++) {
             const __m512 v = _mm512_loadu_ps(vf + t * HD + c * 16);
             for (int j = 0; j < NP; j++) a[j][c] = _mm512_fmadd_ps(p[j], v, a[j][c]);
@@ -211,7 +327,7 @@ static inline __attribute__((always_inline)) void weighted_v(const int NP, const
 static inline __attribute__((always_inline)) void
 run_avx512(const int HD, const uint16_t *q, const int64_t *lens, int64_t n, const uint16_t *kv, const int64_t *table,
            uint16_t *out, float *s, uint32_t *kt, float *vf, int64_t g, int64_t bs, int64_t h, int64_t nkv,
-           int64_t block_elems) {
+           int64_t block_elems, int amx) {
     const int W = HD / 2; /* dword pairs of a row */
     const int bs_shift = __builtin_ctzll((unsigned long long)bs);
     const int64_t bs_mask = bs - 1;
@@ -220,7 +336,7 @@ run_avx512(const int HD, const uint16_t *q, const int64_t *lens, int64_t n, cons
     const int64_t tiles = (Lmax + 15) / 16;
     for (int64_t j = 0; j < tiles; j++) {
         uint32_t *kj = kt + j * W * 16;
-        for (int q16 = 0; q16 < W / 16; q16++) { /* dword pairs q16*16 .. +15 of the 16 keys */
+        for (int q16 = 0; q16 < W / 16 && !amx; q16++) { /* dword pairs q16*16 .. +15 of the 16 keys */
             __m512i r[16];
             for (int64_t l = 0; l < 16; l++) {
                 const int64_t t = j * 16 + l;
@@ -235,12 +351,21 @@ run_avx512(const int HD, const uint16_t *q, const int64_t *lens, int64_t n, cons
             for (int c = 0; c < HD / 16; c++) _mm512_storeu_ps(vf + t * HD + c * 16, widen16(v + c * 16));
         }
     }
+#ifdef HAVE_AMX_SCORES
+    if (amx) /* every row's scores at once: s holds n * g rows of Lmax */
+        scores_amx(HD, q, nkv * g * HD, n * g, g, lens, kv, table, bs, h, nkv, block_elems, s, Lmax);
+#endif
     for (int64_t r = 0; r < n; r++) {
-        const int64_t L = lens[r];
+        const int64_t L = lens[r], ls = amx ? Lmax : L; /* row r's g rows of scores, ls apart */
+        float *sr = amx ? s + r * g * Lmax : s;
         float sum[8];
         for (int64_t i = 0; i < g; i++) {
             const uint32_t *qw = (const uint32_t *)(q + (r * nkv * g + i) * HD);
-            float *si = s + i * L;
+            float *si = sr + i * ls;
+            if (amx) {
+                sum[i] = softmax_row(si, L, row_max(si, L));
+                continue;
+            }
             __m512 mxv = _mm512_set1_ps(-__builtin_inff());
             for (int64_t j = 0; j * 16 < L; j++) {
                 const uint32_t *kj = kt + j * W * 16;
@@ -266,12 +391,12 @@ run_avx512(const int HD, const uint16_t *q, const int64_t *lens, int64_t n, cons
         const int64_t hp = HD == 64 ? 4 : 2;
         for (int64_t i0 = 0; i0 < g; i0 += hp) {
             const int64_t np = g - i0 < hp ? g - i0 : hp;
-            const float *si = s + i0 * L;
+            const float *si = sr + i0 * ls;
             uint16_t *o = out + (r * nkv * g + i0) * HD;
-            if (np == 4) weighted_v(4, HD, si, L, vf, o, sum + i0);
-            else if (np == 3) weighted_v(3, HD, si, L, vf, o, sum + i0);
-            else if (np == 2) weighted_v(2, HD, si, L, vf, o, sum + i0);
-            else weighted_v(1, HD, si, L, vf, o, sum + i0);
+            if (np == 4) weighted_v(4, HD, si, L, ls, vf, o, sum + i0);
+            else if (np == 3) weighted_v(3, HD, si, L, ls, vf, o, sum + i0);
+            else if (np == 2) weighted_v(2, HD, si, L, ls, vf, o, sum + i0);
+            else weighted_v(1, HD, si, L, ls, vf, o, sum + i0);
         }
     }
 }
@@ -325,10 +450,11 @@ static void task_portable(const uint16_t *qb, const uint16_t *kv, const int64_t 
 
 #define RUN 32 /* rows of one request that the prompt path takes at a time */
 
-/* Floats of scratch each thread needs: scores (g, max_len), then for the prompt path K
- * transposed by tiles and V widened (``run_avx512``). */
+/* Floats of scratch each thread needs: scores (RUN * g rows of max_len on AMX tiles, else g),
+ * then for the prompt path K transposed by tiles and V widened (``run_avx512``). */
+#define SCORE_ROWS(g) (RUN * (g))
 int64_t paged_attention_scratch(int64_t g, int64_t hd, int64_t max_len) {
-    return g * max_len + (max_len + 15) / 16 * 16 * (hd / 2) + max_len * hd;
+    return SCORE_ROWS(g) * max_len + (max_len + 15) / 16 * 16 * (hd / 2) + max_len * hd;
 }
 
 /* Returns 0, or -1 when a shape is beyond what this kernel was written for.
@@ -340,6 +466,12 @@ int paged_attention_bf16(const uint16_t *q, const uint16_t *kv, const int64_t *t
     if (g > MAX_G || hd > MAX_HD || g < 1 || hd < 1 || bs < 1 || (bs & (bs - 1))) return -1;
     const int64_t block_elems = 2 * nkv * bs * hd; /* one block of one layer, K and V */
     const int64_t per_thread = paged_attention_scratch(g, hd, max_len);
+    /* AMX tiles for the scores where this process turned them on (the products' tiles), for
+     * the shapes both the decode and the prompt path take: one rule, so the two give the same bits */
+    int amx = 0;
+#ifdef HAVE_AMX_SCORES
+    amx = linear_bf16_available() == 2 && bs % 16 == 0 && (hd == 64 || hd == 128) && g <= 8;
+#endif
     /* runs: consecutive rows that read the same table (a prompt's tokens), at most RUN rows */
     int64_t *starts = malloc((size_t)(B + 1) * sizeof *starts);
     if (!starts) return -2;
@@ -353,7 +485,12 @@ int paged_attention_bf16(const uint16_t *q, const uint16_t *kv, const int64_t *t
     starts[runs] = B;
     /* dynamic: a prompt's rows grow longer one by one, and a thread whose core is busy with
      * another process should not hold back the rest */
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
+#pragma omp parallel num_threads(num_threads)
+    {
+#ifdef HAVE_AMX_SCORES
+    if (amx) configure(16, 16);
+#endif
+#pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t u = 0; u < runs; u++) {
         for (int64_t h = 0; h < nkv; h++) {
             const int64_t b0 = starts[u], n = starts[u + 1] - b0;
@@ -361,14 +498,14 @@ int paged_attention_bf16(const uint16_t *q, const uint16_t *kv, const int64_t *t
             float *s = scratch + (int64_t)omp_get_thread_num() * per_thread;
 #ifdef HAVE_AVX512_BF16
             if (n > 1 && (hd == 64 || hd == 128) && g <= 8) {
-                uint32_t *kt = (uint32_t *)(s + g * max_len);
-                float *vf = s + g * max_len + (max_len + 15) / 16 * 16 * (hd / 2);
+                uint32_t *kt = (uint32_t *)(s + SCORE_ROWS(g) * max_len);
+                float *vf = (float *)kt + (max_len + 15) / 16 * 16 * (hd / 2);
                 const uint16_t *qr = q + (b0 * nkv + h) * g * hd;
                 uint16_t *orow = out + (b0 * nkv + h) * g * hd;
                 if (hd == 64)
-                    run_avx512(64, qr, lens + b0, n, kv, table, orow, s, kt, vf, g, bs, h, nkv, block_elems);
+                    run_avx512(64, qr, lens + b0, n, kv, table, orow, s, kt, vf, g, bs, h, nkv, block_elems, amx);
                 else
-                    run_avx512(128, qr, lens + b0, n, kv, table, orow, s, kt, vf, g, bs, h, nkv, block_elems);
+                    run_avx512(128, qr, lens + b0, n, kv, table, orow, s, kt, vf, g, bs, h, nkv, block_elems, amx);
                 continue;
             }
 #endif
@@ -377,15 +514,19 @@ int paged_attention_bf16(const uint16_t *q, const uint16_t *kv, const int64_t *t
                 uint16_t *ob = out + (b * nkv + h) * g * hd;
 #ifdef HAVE_AVX512_BF16
                 if (hd % 32 == 0 && g <= 8) { /* 64 and 128 as constants: accumulators in registers */
-                    if (hd == 64) task_avx512(64, qb, kv, table, lens[b], ob, s, g, bs, h, nkv, block_elems);
-                    else if (hd == 128) task_avx512(128, qb, kv, table, lens[b], ob, s, g, bs, h, nkv, block_elems);
-                    else task_avx512(hd, qb, kv, table, lens[b], ob, s, g, bs, h, nkv, block_elems);
+                    if (hd == 64) task_avx512(64, qb, kv, table, lens[b], ob, s, g, bs, h, nkv, block_elems, amx);
+                    else if (hd == 128) task_avx512(128, qb, kv, table, lens[b], ob, s, g, bs, h, nkv, block_elems, amx);
+                    else task_avx512(hd, qb, kv, table, lens[b], ob, s, g, bs, h, nkv, block_elems, 0);
                     continue;
                 }
 #endif
                 task_portable(qb, kv, table, lens[b], ob, s, g, hd, bs, h, nkv, block_elems);
             }
         }
+    }
+#ifdef HAVE_AMX_SCORES
+    if (amx) _tile_release();
+#endif
     }
     free(starts);
     return 0;
