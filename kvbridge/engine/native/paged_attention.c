@@ -200,18 +200,18 @@ static inline __attribute__((always_inline)) void scores_amx(const int HD, const
         _tile_loadd(2, qt[0], 64);
         _tile_loadd(3, qt[1], 64);
         if (HD == 128) {
-            _tile_loadd(4, qt[2 % (HD / 32)], 64);
-            _tile_loadd(5, qt[3 % (HD / 32)], 64);
+            _tile_loadd(4, qt[HD / 32 - 2], 64);
+            _tile_loadd(5, qt[HD / 32 - 1], 64);
         }
-        /* tile j's products are issued before tile j - 1's C is read back: the C store and
-         * the loads that follow it are a tile apart */
         const int64_t blocks = (L + bs - 1) >> bs_shift;
         if (blocks) prefetch_span(kv + table[0] * block_elems + k_at, span, 0);
         if (blocks > 1) prefetch_span(kv + table[1] * block_elems + k_at, span, 0);
+        /* tile j's products are issued before tile j - 1's C is read back: the C store and
+         * the loads that follow it are a tile apart */
         for (int64_t t = 0; t < L + 16; t += 16) {
             if (t < L) {
                 const int64_t j = t >> bs_shift;
-                if ((t & bs_mask) == 0) { /* task_avx512's prefetches: the next block's K, this one's V */
+                if ((t & bs_mask) == 0) { /* K two blocks ahead to L1, this block's V to L2 */
                     if (j + 2 < blocks) prefetch_span(kv + table[j + 2] * block_elems + k_at, span, 0);
                     prefetch_span(kv + table[j] * block_elems + v_at, span, 1);
                 }
