@@ -242,25 +242,19 @@ static inline __attribute__((always_inline)) void scores_amx(const int HD, const
 }
 #endif
 
-/* One (row, KV head): hd a multiple of 32, at most 8 query heads a group, hd <= 256. Inlined
- * with hd a constant (64, 128) where it can be, so that the accumulators of the weighted sum
- * of V stay in registers: it takes HP heads a pass (each pass reads V again), as many as 16
- * registers hold. */
-static inline __attribute__((always_inline)) void
-task_avx512(const int64_t hd, const uint16_t *qb, const uint16_t *kv, const int64_t *table, int64_t L, uint16_t *ob,
-            float *s, int64_t g, int64_t bs, int64_t h, int64_t nkv, int64_t block_elems, int amx) {
+/* A decode row's scores in AVX-512 BF16 lanes, one key at a time: s[i * L + t] for its g query
+ * heads at qb, prefetching the next block's K to L1 and this block's V to L2 for the pass over V. */
+static inline __attribute__((always_inline)) void scores_lanes(const int64_t hd, const uint16_t *qb, const uint16_t *kv,
+                                                               const int64_t *table, int64_t L, float *s, int64_t g,
+                                                               int64_t bs, int64_t h, int64_t nkv, int64_t block_elems) {
     const int64_t nq = hd / 32; /* 32 bf16 pairs per dpbf16 */
     const int bs_shift = __builtin_ctzll((unsigned long long)bs); /* bs is a power of two */
     const int64_t bs_mask = bs - 1;
     const int64_t span = bs * hd * 2, blocks = (L + bs - 1) >> bs_shift; /* one head's K (or V) in a block */
     const int64_t k_at = h * bs * hd, v_at = (nkv + h) * bs * hd;
-#ifdef HAVE_AMX_SCORES
-    if (amx) /* hd 64 or 128, bs a multiple of 16 */
-        scores_amx(hd == 128 ? 128 : 64, qb, 0, g, g, &L, kv, table, bs, h, nkv, block_elems, s, L);
-#endif
-    if (!amx && blocks) prefetch_span(kv + table[0] * block_elems + k_at, span, 0);
-    for (int64_t t = 0; t < L && !amx; t++) {
-        if ((t & bs_mask) == 0) { /* a new block: the next one's K to L1, this one's V to L2 for the pass over V */
+    if (blocks) prefetch_span(kv + table[0] * block_elems + k_at, span, 0);
+    for (int64_t t = 0; t < L; t++) {
+        if ((t & bs_mask) == 0) {
             const int64_t j = t >> bs_shift;
             if (j + 1 < blocks) prefetch_span(kv + table[j + 1] * block_elems + k_at, span, 0);
             prefetch_span(kv + table[j] * block_elems + v_at, span, 1);
@@ -275,6 +269,25 @@ task_avx512(const int64_t hd, const uint16_t *qb, const uint16_t *kv, const int6
             s[i * L + t] = sum16(acc);
         }
     }
+}
+
+/* One (row, KV head): hd a multiple of 32, at most 8 query heads a group, hd <= 256. Inlined
+ * with hd a constant (64, 128) where it can be, so that the accumulators of the weighted sum
+ * of V stay in registers: it takes HP heads a pass (each pass reads V again), as many as 16
+ * registers hold. */
+static inline __attribute__((always_inline)) void
+task_avx512(const int64_t hd, const uint16_t *qb, const uint16_t *kv, const int64_t *table, int64_t L, uint16_t *ob,
+            float *s, int64_t g, int64_t bs, int64_t h, int64_t nkv, int64_t block_elems, int amx) {
+    const int bs_shift = __builtin_ctzll((unsigned long long)bs); /* bs is a power of two */
+    const int64_t bs_mask = bs - 1;
+    const int64_t span = bs * hd * 2, blocks = (L + bs - 1) >> bs_shift; /* one head's V in a block */
+    const int64_t v_at = (nkv + h) * bs * hd;
+#ifdef HAVE_AMX_SCORES
+    if (amx) /* hd 64 or 128, bs a multiple of 16 */
+        scores_amx(hd == 128 ? 128 : 64, qb, 0, g, g, &L, kv, table, bs, h, nkv, block_elems, s, L);
+    else
+#endif
+        scores_lanes(hd, qb, kv, table, L, s, g, bs, h, nkv, block_elems);
     float sum[8];
     for (int64_t i = 0; i < g; i++) sum[i] = softmax_row(s + i * L, L, row_max(s + i * L, L));
     const int64_t nv = hd / 16; /* 16 floats a register */
@@ -319,11 +332,12 @@ static inline __attribute__((always_inline)) void weighted_v(const int NP, const
 }
 
 /* Rows r of one request and one KV head (a prompt's tokens), the same arithmetic as
- * task_avx512 for each, but each K and V read once for all the rows: K transposed by tiles of
- * 16 keys (kt: for each pair of dims w, 16 keys' pair w side by side), so that one dpbf16 with
- * the query's pair w broadcast gives lane w's partial dot for 16 keys at once, summed in
- * sum16's tree across registers; V widened to float32 once (vf). HD: 64 or 128 (a constant
- * here, so the accumulators stay in registers). */
+ * task_avx512 for each, but each K and V read once for all the rows. Scores: with ``amx``,
+ * scores_amx for all n * g query vectors at once (s: n * g rows of Lmax); else in lanes, K
+ * transposed by tiles of 16 keys (kt: for each pair of dims w, 16 keys' pair w side by side),
+ * so that one dpbf16 with the query's pair w broadcast gives lane w's partial dot for 16 keys
+ * at once, summed in sum16's tree across registers (s: g rows of L, row by row). V widened
+ * to float32 once (vf). HD: 64 or 128 (a constant here, so the accumulators stay in registers). */
 static inline __attribute__((always_inline)) void
 run_avx512(const int HD, const uint16_t *q, const int64_t *lens, int64_t n, const uint16_t *kv, const int64_t *table,
            uint16_t *out, float *s, uint32_t *kt, float *vf, int64_t g, int64_t bs, int64_t h, int64_t nkv,
@@ -336,7 +350,7 @@ run_avx512(const int HD, const uint16_t *q, const int64_t *lens, int64_t n, cons
     const int64_t tiles = (Lmax + 15) / 16;
     for (int64_t j = 0; j < tiles; j++) {
         uint32_t *kj = kt + j * W * 16;
-        for (int q16 = 0; q16 < W / 16 && !amx; q16++) { /* dword pairs q16*16 .. +15 of the 16 keys */
+        for (int q16 = 0; q16 < W / 16 && !amx; q16++) { /* the lanes' K tiles: pairs q16*16 .. +15 of the 16 keys */
             __m512i r[16];
             for (int64_t l = 0; l < 16; l++) {
                 const int64_t t = j * 16 + l;
@@ -352,7 +366,7 @@ run_avx512(const int HD, const uint16_t *q, const int64_t *lens, int64_t n, cons
         }
     }
 #ifdef HAVE_AMX_SCORES
-    if (amx) /* every row's scores at once: s holds n * g rows of Lmax */
+    if (amx)
         scores_amx(HD, q, nkv * g * HD, n * g, g, lens, kv, table, bs, h, nkv, block_elems, s, Lmax);
 #endif
     for (int64_t r = 0; r < n; r++) {
@@ -360,12 +374,12 @@ run_avx512(const int HD, const uint16_t *q, const int64_t *lens, int64_t n, cons
         float *sr = amx ? s + r * g * Lmax : s;
         float sum[8];
         for (int64_t i = 0; i < g; i++) {
-            const uint32_t *qw = (const uint32_t *)(q + (r * nkv * g + i) * HD);
             float *si = sr + i * ls;
             if (amx) {
                 sum[i] = softmax_row(si, L, row_max(si, L));
                 continue;
             }
+            const uint32_t *qw = (const uint32_t *)(q + (r * nkv * g + i) * HD);
             __m512 mxv = _mm512_set1_ps(-__builtin_inff());
             for (int64_t j = 0; j * 16 < L; j++) {
                 const uint32_t *kj = kt + j * W * 16;
