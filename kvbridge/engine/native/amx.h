@@ -58,16 +58,28 @@ static inline void block_step(const uint16_t *x, const uint16_t *x1, int64_t xs,
     }
 }
 
-/* The C tiles of rows 0..rows of output blocks b.. (nb) plus the bias, rounded to bf16, into y */
-static inline void store_block(uint16_t *y, int64_t N, const float *bias, int64_t b, int nb, int rows) {
+/* A block's C tiles, stored to memory and rounded into y one block later. Rounded right after
+ * the tile stores, the core waited for the block's last products before it could start on them,
+ * with the tiles idle meanwhile; one block later, the rounding runs while the next block's
+ * products are under way. The first call of a thread's loop clears it (y = NULL); finish_block
+ * after the loop rounds the last one. */
+struct pending_block {
     float c[32][32];
-    _tile_stored(0, &c[0][0], 128);
-    if (nb > 1) _tile_stored(1, &c[0][16], 128);
-    if (rows > 16) {
-        _tile_stored(2, &c[16][0], 128);
-        if (nb > 1) _tile_stored(3, &c[16][16], 128);
-    }
-    MEMORY_BARRIER();
+    uint16_t *y;
+    const float *bias;
+    int64_t N, b;
+    int nb, rows;
+};
+
+/* The pending block's sums (rows 0..rows of output blocks b.. (nb)) plus the bias, rounded to bf16, into y */
+static inline void finish_block(struct pending_block *p) {
+    if (!p->y) return;
+    MEMORY_BARRIER(); /* the tile stores of stash_block wrote c */
+    float(*c)[32] = p->c;
+    uint16_t *y = p->y;
+    const float *bias = p->bias;
+    const int64_t N = p->N, b = p->b;
+    const int nb = p->nb, rows = p->rows;
     if (nb == 2 && N - 16 * b >= 32) { /* a row's 32 outputs: one conversion, one store */
         int64_t n = 16 * b;
         __m512 b0 = bias ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();
@@ -77,18 +89,34 @@ static inline void store_block(uint16_t *y, int64_t N, const float *bias, int64_
             if (bias) lo = _mm512_add_ps(lo, b0), hi = _mm512_add_ps(hi, b1);
             _mm512_storeu_si512(y + m * N + n, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
         }
-        return;
-    }
-    for (int j = 0; j < nb; j++) {
-        int64_t n = 16 * (b + j);
-        __m512 bv = bias ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();
-        __mmask16 mask = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
-        for (int m = 0; m < rows; m++) {
-            __m512 acc = _mm512_loadu_ps(&c[m][16 * j]);
-            __m256i out = (__m256i)_mm512_cvtneps_pbh(bias ? _mm512_add_ps(acc, bv) : acc);
-            _mm256_mask_storeu_epi16(y + m * N + n, mask, out);
+    } else {
+        for (int j = 0; j < nb; j++) {
+            int64_t n = 16 * (b + j);
+            __m512 bv = bias ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();
+            __mmask16 mask = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
+            for (int m = 0; m < rows; m++) {
+                __m512 acc = _mm512_loadu_ps(&c[m][16 * j]);
+                __m256i out = (__m256i)_mm512_cvtneps_pbh(bias ? _mm512_add_ps(acc, bv) : acc);
+                _mm256_mask_storeu_epi16(y + m * N + n, mask, out);
+            }
         }
     }
+    MEMORY_BARRIER(); /* c is read before the next tile stores overwrite it */
+    p->y = NULL;
+}
+
+/* After a block's products are issued: round the pending block, then store this block's C tiles
+ * (rows 0..rows of output blocks b.. (nb), for y) in its place */
+static inline void stash_block(struct pending_block *p, uint16_t *y, int64_t N, const float *bias, int64_t b,
+                               int nb, int rows) {
+    finish_block(p);
+    _tile_stored(0, &p->c[0][0], 128);
+    if (nb > 1) _tile_stored(1, &p->c[0][16], 128);
+    if (rows > 16) {
+        _tile_stored(2, &p->c[16][0], 128);
+        if (nb > 1) _tile_stored(3, &p->c[16][16], 128);
+    }
+    p->y = y, p->bias = bias, p->N = N, p->b = b, p->nb = nb, p->rows = rows;
 }
 
 #endif

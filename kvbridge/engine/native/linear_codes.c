@@ -149,7 +149,8 @@ int64_t codes_matches(int kind, const uint8_t *codes, const uint16_t *w, int64_t
 /* rows 0.. (r0 + r1) against output blocks b, b+1 (nb = 1 or 2), B tiles rebuilt from codes;
  * linear_amx.c's block() with its B tiles from memory */
 static inline void block_codes(int kind, const uint16_t *x, int64_t K, const uint8_t *codes, const float *bias,
-                               uint16_t *y, int64_t N, int64_t b, int nb, int r0, int r1) {
+                               uint16_t *y, int64_t N, int64_t b, int nb, int r0, int r1,
+                               struct pending_block *pend) {
     uint16_t buf[2][2][512] __attribute__((aligned(64))); /* [k step parity][output block] */
     const int64_t xs = K * 2, kt = K / 32, tb = tile_bytes(kind);
     const uint8_t *t0 = codes + b * kt * tb, *t1 = t0 + kt * tb;
@@ -173,7 +174,7 @@ static inline void block_codes(int kind, const uint16_t *x, int64_t K, const uin
             if (nb > 1) unpack(kind, t1 + (t + 1) * tb, buf[(t + 1) & 1][1]);
         }
     }
-    store_block(y, N, bias, b, nb, r0 + r1);
+    stash_block(pend, y, N, bias, b, nb, r0 + r1);
 }
 
 /* linear_bf16_amx's products for M <= 32 rows, the weights as codes_pack made them. Returns 0;
@@ -186,15 +187,18 @@ int linear_codes_amx(int kind, const uint16_t *x, const uint8_t *codes, const fl
     const int r0 = M < 16 ? (int)M : 16, r1 = (int)M - r0;
 #pragma omp parallel num_threads(nthreads)
     {
+        struct pending_block pend __attribute__((aligned(64)));
+        pend.y = NULL;
         configure(r0, r1);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t p = 0; p < pairs; p++) {
             int nb = 2 * p + 1 < nblocks ? 2 : 1;
             if (kind == Q4_1) /* two copies, each with its unpacking inlined */
-                block_codes(Q4_1, x, K, codes, bias, y, N, 2 * p, nb, r0, r1);
+                block_codes(Q4_1, x, K, codes, bias, y, N, 2 * p, nb, r0, r1, &pend);
             else
-                block_codes(Q8_0, x, K, codes, bias, y, N, 2 * p, nb, r0, r1);
+                block_codes(Q8_0, x, K, codes, bias, y, N, 2 * p, nb, r0, r1, &pend);
         }
+        finish_block(&pend);
         _tile_release();
     }
     return 0;
