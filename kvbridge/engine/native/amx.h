@@ -61,8 +61,8 @@ static inline void block_step(const uint16_t *x, const uint16_t *x1, int64_t xs,
 /* A block's C tiles, stored to memory and rounded into y one block later. Rounded right after
  * the tile stores, the core waited for the block's last products before it could start on them,
  * with the tiles idle meanwhile; one block later, the rounding runs while the next block's
- * products are under way. The first call of a thread's loop clears it (y = NULL); finish_block
- * after the loop rounds the last one. */
+ * products are under way. A thread sets y = NULL before its loop and calls finish_block after
+ * it, for the last one. */
 struct pending_block {
     float c[32][32];
     uint16_t *y;
