@@ -60,7 +60,7 @@ int linear_bf16_amx(const uint16_t *x, const uint16_t *w, const float *bias, uin
      * 8 for K = 1536) where it was 4 pairs (128 outputs), each chunk read from memory or L3 for
      * fewer rows: with amx.h's rounding a block later, the default model's products of 1024 rows
      * went from 94 to 83 ms on 2 threads. */
-    const int64_t CH = (768 << 10) / (64 * K) > 1 ? (768 << 10) / (64 * K) : 1;
+    const int64_t fit = (768 << 10) / (64 * K), CH = fit > 1 ? fit : 1;
     const int64_t chunks = (pairs + CH - 1) / CH;
     const int64_t items = M <= 32 ? pairs : chunks * tiles;
 #pragma omp parallel num_threads(nthreads)
