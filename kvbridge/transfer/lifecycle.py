@@ -239,6 +239,17 @@ class LifecycleTransceiver(WaitLoop, TransportHooks, KVTransceiver):
         if req.started is not None and now - req.started > self.timeout_s:
             self._end(req, FailureCause.TIMEOUT, f"not done {self.config.kv_transfer_timeout_ms} ms after the transfer started")
 
+    def _progress_active(self, now: float) -> None:
+        """``_progress`` the requests that need it (``_active``), not every one reserved:
+        a decode worker may hold dozens that wait for their prefill, and each costs a poll
+        0.5-1 µs (more right after a copy)."""
+        for rid in list(self._active):
+            req = self._reqs.get(rid)
+            if req is None:
+                self._active.discard(rid)
+            else:
+                self._progress(req, now)
+
     def _xfer_done(self, req: _Req) -> None:
         if req.role is Role.SENDER:  # push: the WRITE is complete at the peer
             self._write_complete(req)

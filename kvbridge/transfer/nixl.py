@@ -313,12 +313,7 @@ class NixlTransceiver(LifecycleTransceiver):
                     self._on_msg(sender, decode(raw))
                 except ProtocolError as e:
                     log.error("bad notification from %s: %s", sender, e)
-        for rid in list(self._active):
-            req = self._reqs.get(rid)
-            if req is None:
-                self._active.discard(rid)
-            else:
-                self._progress(req, now)
+        self._progress_active(now)
         for name, p in self._peers.items():
             if p.transports_since is not None and not p.transports_logged:
                 self._log_transports(name)

@@ -422,8 +422,7 @@ class UcxTransceiver(LifecycleTransceiver):
         except Exception as e:
             self._broken = f"UCX progress failed: {e}"
             log.error("kv transceiver broken: %s", self._broken)
-        for req in list(self._reqs.values()):
-            self._progress(req, now)
+        self._progress_active(now)
         if self._recvs_seen != self._recvs_count:  # messages count as activity too
             self._last_activity = now
             self._recvs_seen = self._recvs_count
