@@ -101,18 +101,29 @@ _OWN_UCX_LOGS: set[str] = set()
 UCX_CMA_SEG_SIZE = "4M"
 
 
-def ucx_copy_defaults(cuda: bool = False) -> dict[str, str]:
+def ucx_defaults(cuda: bool = False) -> dict[str, str]:
     """UCX options kvbridge sets unless the user did (environment ``UCX_<name>``); UCX reads
-    them when a context is created. ``CMA_SEG_SIZE``: UCX's cma transport (same-host
-    transfers) copies at most this much per ``process_vm_writev``/``readv`` call and per
-    progress call; UCX's 512K meant 32 calls, each pinning its pages, for 16 MiB. At 4M bare
-    NIXL moved 16 MiB in ~0.95-1.0 ms instead of ~1.05 and 64 MiB in ~4.7 ms instead of ~5.1
-    (2-core VM, huge pages). ``CUDA_IPC_ENABLE_GET_ZCOPY`` (KV in VRAM only): UCX's "auto"
-    turns cuda_ipc reads off on GPUs with no active NVLink, and a READ of VRAM (pull mode)
-    then falls back to software emulation over tcp: 0.5-0.6 GB/s on one H100, against
-    ~1 TB/s for a cuda_ipc WRITE between two processes on the same GPU. The NIXL backend
-    gets them through the environment, UCX-direct in its context's options."""
-    wanted = {"CMA_SEG_SIZE": UCX_CMA_SEG_SIZE}
+    them when a context is created. The NIXL backend gets them through the environment,
+    UCX-direct in its context's options.
+
+    - ``CMA_SEG_SIZE``: UCX's cma transport (same-host transfers) copies at most this much
+      per ``process_vm_writev``/``readv`` call and per progress call; UCX's 512K meant 32
+      calls, each pinning its pages, for 16 MiB. At 4M bare NIXL moved 16 MiB in
+      ~0.95-1.0 ms instead of ~1.05 and 64 MiB in ~4.7 ms instead of ~5.1 (2-core VM,
+      huge pages).
+    - ``MM_ERROR_HANDLING``: kvbridge's endpoints detect a dead peer (error handling PEER),
+      and UCX's shared-memory transports (sysv, posix) take such endpoints only with this
+      on: their keepalive then checks that the peer's process still exists. Off, messages
+      between two processes on one host go over ``tcp/lo`` (a control message cost 8-25 µs
+      to send instead of 3-10, right after a copy), and a WRITE or READ completes only once
+      the peer's transport answered its flush (a peer in an engine step answers late).
+      Set ``UCX_MM_ERROR_HANDLING=n`` where two workers share a host's IPC namespace but
+      not its PID namespace (the pid the keepalive checks is then not the peer's).
+    - ``CUDA_IPC_ENABLE_GET_ZCOPY`` (KV in VRAM only): UCX's "auto" turns cuda_ipc reads off
+      on GPUs with no active NVLink, and a READ of VRAM (pull mode) then falls back to
+      software emulation over tcp: 0.5-0.6 GB/s on one H100, against ~1 TB/s for a cuda_ipc
+      WRITE between two processes on the same GPU."""
+    wanted = {"CMA_SEG_SIZE": UCX_CMA_SEG_SIZE, "MM_ERROR_HANDLING": "y"}
     if cuda:
         wanted["CUDA_IPC_ENABLE_GET_ZCOPY"] = "y"
     for name, value in wanted.items():

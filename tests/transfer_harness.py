@@ -23,7 +23,7 @@ import os
 import signal
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tests.device import DEVICE
@@ -47,6 +47,7 @@ class PeerSpec:
     verify_checksums: bool = True
     seed: int = 0
     device: str = DEVICE  # cpu | cuda[:N]: KV in host memory or in VRAM
+    env: dict[str, str] = field(default_factory=dict)  # set in the child before its transceiver
 
 
 # --------------------------------------------------------------------------- child
@@ -139,6 +140,7 @@ def _child(conn: Any, spec_d: dict) -> None:
 
     logging.basicConfig(level=logging.INFO, format=f"[{spec_d['mode']} %(process)d] %(name)s %(message)s")
     spec = PeerSpec(**spec_d)
+    os.environ.update(spec.env)
     kv, pool, t = _build(spec)
     received: dict[str, list[int]] = {}
 

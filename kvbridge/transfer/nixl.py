@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from kvbridge.config import CacheTransceiverConfig, TransferMode, ucx_copy_defaults
+from kvbridge.config import CacheTransceiverConfig, TransferMode, ucx_defaults
 from kvbridge.engine.kv_cache import KVCache
 from kvbridge.transfer import handshake, probe
 from kvbridge.transfer.base import (
@@ -100,7 +100,7 @@ class NixlTransceiver(LifecycleTransceiver):
         self._ucx_log = None
         if self.nixl_backend == "UCX":  # both before the backend creates its UCX context
             self._ucx_log = probe.setup_ucx_log()
-            ucx_copy_defaults(kv.is_cuda)
+            ucx_defaults(kv.is_cuda)
         self._ucx_log_pos = 0
         self._ucx_text = ""
         inst = probe.nixl_install()

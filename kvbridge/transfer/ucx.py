@@ -45,7 +45,7 @@ from typing import Any
 
 import msgspec
 
-from kvbridge.config import CacheTransceiverConfig, ucx_copy_defaults
+from kvbridge.config import CacheTransceiverConfig, ucx_defaults
 from kvbridge.engine.kv_cache import KVCache
 from kvbridge.transfer import handshake, probe
 from kvbridge.transfer.base import (
@@ -150,7 +150,7 @@ class UcxTransceiver(LifecycleTransceiver):
         self.ucxx_version = getattr(ucxx, "__version__", "?")
         # UCX's own option (not an environment read): lets cma carry RMA on endpoints with
         # error handling PEER (see the module docstring)
-        self._context = ucx_api.UCXContext(config_dict={"CMA_MEMORY_INVALIDATE": "y", **ucx_copy_defaults(kv.is_cuda)})
+        self._context = ucx_api.UCXContext(config_dict={"CMA_MEMORY_INVALIDATE": "y", **ucx_defaults(kv.is_cuda)})
         self.worker = ucx_api.UCXWorker(self._context)
         self.worker.init_blocking_progress_mode()  # wait() sleeps on the worker's event fd
         self.agent_name = f"{name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -291,11 +291,12 @@ class UcxTransceiver(LifecycleTransceiver):
         x.start_flush()
         req.num_bytes = lay.num_layers * len(local_ids) * bb
         # cma copies run inside our progress, 4 MiB per call: drive them here, in a tight
-        # loop, as NIXL's transfer() does (bounded; a longer one goes on in poll()). Once
-        # they are done, UCX progresses nothing more until the peer answers the flush (at
-        # its next poll): the prefill side (PUT) keeps driving, its next engine step being
-        # a whole prefill; the decode side (GET) gives the peer _PEER_GRACE_S and leaves
-        # the rest to its polls, one per decode step, instead of stalling every stream
+        # loop, as NIXL's transfer() does (bounded; a longer one goes on in poll()). Where
+        # the flush needs the peer's answer (messages over tcp: between hosts, or with
+        # UCX_MM_ERROR_HANDLING=n), UCX progresses nothing more once the copies are done,
+        # until the peer's next poll: the prefill side (PUT) keeps driving, its next engine
+        # step being a whole prefill; the decode side (GET) gives the peer _PEER_GRACE_S and
+        # leaves the rest to its polls, one per decode step, instead of stalling every stream
         deadline = time.monotonic() + _SYNC_COPY_S
         progress = self.worker.progress_once  # True while UCX did something
         idle_since = None

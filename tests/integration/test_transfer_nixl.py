@@ -159,17 +159,26 @@ def test_handshake_refused_on_both_sides(peers):
         assert_pools_full(odd)
 
 
-@pytest.mark.parametrize("hook", [True, False], ids=["hook", "no-hook"])
-def test_a_peer_in_an_engine_step_answers_between_layers(peers, hook):
-    """UCX completes a WRITE (push) or READ (pull) only once the other side's transport
-    answered it; that side may be in a long engine step (the decode worker in push, the
-    prefill worker in pull). With the mid-step hook run between layers the transfer
-    completes while the step still runs; without it, only after the step."""
+@pytest.fixture(scope="module", params=[(b, m) for b in BACKENDS for m in ("push", "pull")], ids=lambda p: f"{p[0]}-{p[1]}")
+def tcp_peers(request):
+    """Peers whose messages go over tcp/lo (UCX's shared memory left off), as between two
+    hosts: UCX then completes a WRITE or READ only once the other side's transport answered."""
+    backend, mode = request.param
+    prefill, decode, name = pair(backend, mode, timeout_ms=TIMEOUT_MS, env={"UCX_MM_ERROR_HANDLING": "n"})
+    request.addfinalizer(decode.stop)
+    request.addfinalizer(prefill.stop)
+    yield prefill, decode, name, mode
+
+
+def _transfer_during_step(peers, hook: bool, rid: str) -> tuple[list, bool]:
+    """One transfer while the side whose transport must answer is in a 1 s engine step (the
+    decode worker in push, the prefill worker in pull), with or without the mid-step hook
+    run between its layers: (events the other side got within 0.6 s, step still running
+    then). Checks the data and frees everything after the step."""
     prefill, decode, name, mode = peers
     src, dst = [3, 4, 5], [20, 21, 22]
     prefill.call("hold", src)
     decode.call("hold", dst)
-    rid = f"step-{mode}-{hook}"
     decode.call("receive", rid, name, dst)
     if mode == "push":  # the decode side computes while the prefill side writes
         busy, other = decode, prefill
@@ -187,10 +196,6 @@ def test_a_peer_in_an_engine_step_answers_between_layers(peers, hook):
             prefill.call("send", rid, src)  # waits up to 100 ms for the decode side's answer
         got = other.call("wait", 1, 0.6, timeout=10)
         in_step = not busy.answered()  # the step has not ended yet
-        if hook:
-            assert in_step and [e[2] for e in got] == ["done"], (in_step, got)
-        else:
-            assert got == [], got  # done only once the peer polls again
     finally:
         assert busy.result("step", timeout=10) is hook
     bev, oev = wait_both(busy, 1, other, 1 - len(got), timeout=5)
@@ -198,6 +203,31 @@ def test_a_peer_in_an_engine_step_answers_between_layers(peers, hook):
     assert prefill.call("digests", src) == decode.call("digests", dst)
     decode.call("free_received", rid)
     assert_pools_full(prefill, decode)
+    return got, in_step
+
+
+@pytest.mark.parametrize("hook", [True, False], ids=["hook", "no-hook"])
+def test_a_peer_in_an_engine_step_answers_between_layers(tcp_peers, hook):
+    """Messages over tcp (as between hosts): with the mid-step hook run between layers the
+    transfer completes while the step still runs; without it, only after the step."""
+    got, in_step = _transfer_during_step(tcp_peers, hook, f"step-{tcp_peers[3]}-{hook}")
+    if hook:
+        assert in_step and [e[2] for e in got] == ["done"], (in_step, got)
+    else:
+        assert got == [], got  # done only once the peer polls again
+
+
+def test_on_one_host_a_transfer_completes_while_the_peer_computes(peers):
+    """On one host (kvbridge's default: UCX's shared memory carries the messages, with peer
+    failure detection) a WRITE or READ completes without the other side's transport: the
+    transfer is done while that side is still in its step, without the mid-step hook.
+    (The first transfer between two NIXL agents completes their connection, which needs
+    both sides: it comes first.)"""
+    prefill, decode, name, mode = peers
+    (dev,), _ = transfer(prefill, decode, name, f"local-first-{mode}", [0], [0])  # the connection is up
+    decode.call("free_received", dev[0])
+    got, in_step = _transfer_during_step(peers, False, f"local-step-{mode}")
+    assert in_step and [e[2] for e in got] == ["done"], (in_step, got)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

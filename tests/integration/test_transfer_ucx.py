@@ -46,15 +46,15 @@ def cpu_seconds(pid: int) -> float:
 
 def test_transports_read_from_ucx(peers):
     """After the first transfer each side knows, from UCX itself, what carries the data:
-    one-sided cma copies between local processes (never RMA emulated over tcp), and tcp/lo
-    for the messages (an endpoint with peer failure detection)."""
+    one-sided cma copies between local processes (never RMA emulated over tcp), and shared
+    memory (sysv) for the messages, on an endpoint with peer failure detection."""
     prefill, decode, name, mode = peers
     (dev,), _ = transfer(prefill, decode, name, f"tp-{mode}", [0], [0])
     decode.call("free_received", dev[0])
     for p in (prefill, decode):
         line = p.call("transports")
         assert line is not None and "rma: cma/memory" in line, line
-        assert "am: tcp/lo" in line, line
+        assert "am: sysv/memory" in line, line
     assert_pools_full(prefill, decode)
 
 
@@ -136,15 +136,15 @@ def test_killed_peer_frees_blocks():
 
 
 def test_peer_killed_during_a_large_write():
-    """The decode side dies while 64 MiB are being written into it: the prefill process
+    """The decode side dies while 128 MiB are being copied into it: the prefill process
     survives (UCX reports the failure on the endpoint, it does not abort), fails the
     request as PEER_DEAD and frees its blocks."""
-    spec = dict(num_blocks=2048, timeout_ms=20000, verify_checksums=False)  # 4 layers x 2048 x 8 KiB
+    spec = dict(num_blocks=4096, timeout_ms=20000, verify_checksums=False)  # 4 layers x 4096 x 8 KiB
     prefill = Peer("ucx", mode="push", seed=1, **spec)
     decode = Peer("ucx", mode="push", seed=2, **spec)
     try:
         name = decode.call("connect", prefill.call("address", timeout=60), timeout=60)[1]
-        ids = list(range(2048))
+        ids = list(range(4096))
         prefill.call("hold", ids)
         decode.call("hold", ids)
         decode.call("receive", "big", name, ids)
@@ -152,10 +152,13 @@ def test_peer_killed_during_a_large_write():
             decode.call("poll")
             prefill.call("poll")
             time.sleep(0.01)
-        prefill.call("send", "big", ids)  # the WRITE is posted here
-        prefill.start("wait", 1, 10.0)
+        # send() posts the WRITE and drives its copy (~20 ms here, 4 MiB a call): the
+        # decode side dies a few ms into it
+        prefill.start("send", "big", ids)
+        time.sleep(0.003)
         decode.kill()
-        (pev,) = prefill.result("wait", timeout=30)
+        prefill.result("send", timeout=30)
+        (pev,) = prefill.call("wait", 1, 10.0, timeout=30)
         assert pev[2:4] == ("failed", "peer_dead"), pev
         assert prefill.proc.is_alive()
         assert_pools_full(prefill)

@@ -136,17 +136,20 @@ def test_ucx_logs_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
     assert not dead.exists() and live.exists() and other.exists()
 
 
-def test_ucx_copy_defaults_keep_what_the_user_set(monkeypatch):
+def test_ucx_defaults_keep_what_the_user_set(monkeypatch):
     from kvbridge import config
 
     monkeypatch.delenv("UCX_CMA_SEG_SIZE", raising=False)
-    assert config.ucx_copy_defaults() == {"CMA_SEG_SIZE": "4M"}
+    monkeypatch.delenv("UCX_MM_ERROR_HANDLING", raising=False)
+    assert config.ucx_defaults() == {"CMA_SEG_SIZE": "4M", "MM_ERROR_HANDLING": "y"}
     assert os.environ["UCX_CMA_SEG_SIZE"] == "4M"  # NIXL's UCX reads the environment
+    assert os.environ["UCX_MM_ERROR_HANDLING"] == "y"
     monkeypatch.setenv("UCX_CMA_SEG_SIZE", "1M")
-    assert config.ucx_copy_defaults() == {"CMA_SEG_SIZE": "1M"}
+    monkeypatch.setenv("UCX_MM_ERROR_HANDLING", "n")
+    assert config.ucx_defaults() == {"CMA_SEG_SIZE": "1M", "MM_ERROR_HANDLING": "n"}
 
 
-def test_ucx_copy_defaults_let_cuda_ipc_read_vram(monkeypatch):
+def test_ucx_defaults_let_cuda_ipc_read_vram(monkeypatch):
     """KV in VRAM: cuda_ipc reads are on (UCX's "auto" turns them off on GPUs without
     NVLink, and a pull of VRAM then crawls over tcp); a user's value stays, and KV in host
     memory leaves the option alone."""
@@ -154,9 +157,9 @@ def test_ucx_copy_defaults_let_cuda_ipc_read_vram(monkeypatch):
 
     monkeypatch.delenv("UCX_CMA_SEG_SIZE", raising=False)
     monkeypatch.delenv("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", raising=False)
-    assert "CUDA_IPC_ENABLE_GET_ZCOPY" not in config.ucx_copy_defaults()
+    assert "CUDA_IPC_ENABLE_GET_ZCOPY" not in config.ucx_defaults()
     assert "UCX_CUDA_IPC_ENABLE_GET_ZCOPY" not in os.environ
-    assert config.ucx_copy_defaults(cuda=True)["CUDA_IPC_ENABLE_GET_ZCOPY"] == "y"
+    assert config.ucx_defaults(cuda=True)["CUDA_IPC_ENABLE_GET_ZCOPY"] == "y"
     assert os.environ["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "y"
     monkeypatch.setenv("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "n")
-    assert config.ucx_copy_defaults(cuda=True)["CUDA_IPC_ENABLE_GET_ZCOPY"] == "n"
+    assert config.ucx_defaults(cuda=True)["CUDA_IPC_ENABLE_GET_ZCOPY"] == "n"
