@@ -141,12 +141,13 @@ def test_ucx_defaults_keep_what_the_user_set(monkeypatch):
 
     monkeypatch.delenv("UCX_CMA_SEG_SIZE", raising=False)
     monkeypatch.delenv("UCX_MM_ERROR_HANDLING", raising=False)
-    assert config.ucx_defaults() == {"CMA_SEG_SIZE": "4M", "MM_ERROR_HANDLING": "y"}
+    monkeypatch.delenv("UCX_CMA_TX_QUOTA", raising=False)
+    assert config.ucx_defaults() == {"CMA_SEG_SIZE": "4M", "CMA_TX_QUOTA": "8", "MM_ERROR_HANDLING": "y"}
     assert os.environ["UCX_CMA_SEG_SIZE"] == "4M"  # NIXL's UCX reads the environment
     assert os.environ["UCX_MM_ERROR_HANDLING"] == "y"
     monkeypatch.setenv("UCX_CMA_SEG_SIZE", "1M")
     monkeypatch.setenv("UCX_MM_ERROR_HANDLING", "n")
-    assert config.ucx_defaults() == {"CMA_SEG_SIZE": "1M", "MM_ERROR_HANDLING": "n"}
+    assert config.ucx_defaults() == {"CMA_SEG_SIZE": "1M", "CMA_TX_QUOTA": "8", "MM_ERROR_HANDLING": "n"}
 
 
 def test_ucx_defaults_let_cuda_ipc_read_vram(monkeypatch):
