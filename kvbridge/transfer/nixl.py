@@ -239,9 +239,11 @@ class NixlTransceiver(LifecycleTransceiver):
         if state.startswith("ERR"):
             self._release(handle)
             raise TransferError(FailureCause.BACKEND, f"NIXL {op} to {peer} failed to post: {state}")
-        # The endpoints have error handling, so UCX completes a WRITE/READ (and sends its
-        # notification) only after the peer's worker answers a flush: a peer busy in an
-        # engine step answers at its next poll (the copy itself is done in transfer()).
+        # The endpoints have error handling; where their messages go over tcp (between
+        # hosts, or UCX_MM_ERROR_HANDLING=n: config.ucx_defaults), UCX completes a
+        # WRITE/READ (and sends its notification) only after the peer's worker answers a
+        # flush: a peer busy in an engine step answers at its next poll (the copy itself
+        # is done in transfer()).
         # The prefill side (WRITE) drives until then, spinning 1 ms and then sleeping
         # between checks, at most _DRIVE_CAP_S (a decode side in a step answers between
         # layers: ``mid_step_hook``): left to its next poll, the op would wait for its
