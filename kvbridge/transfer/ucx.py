@@ -13,7 +13,9 @@ Set-up (once):
     fails the operations in flight (an error status) instead of aborting this process.
     UCX 1.21 gives a PEER endpoint a ``cma`` RMA lane only when the cma memory domain
     promises invalidation, so the context sets UCX's own option ``CMA_MEMORY_INVALIDATE=y``
-    (without it RMA falls back to software emulation over tcp: ~0.5 GB/s instead of ~3)
+    (without it RMA falls back to software emulation over tcp: ~0.5 GB/s instead of ~3);
+    kvbridge's UCX defaults (``config.ucx_defaults``) also let UCX's shared memory (sysv)
+    carry such an endpoint's messages, with a keepalive that checks the peer's process
 
 RMA, not tagged send/receive: decode reserves, prefill writes (push) or decode reads (pull)
 with nothing posted on the other side; one PUT/GET per (layer, run of ids consecutive on
