@@ -318,9 +318,10 @@ class KVTransceiver(ABC):
 
     def mid_step_hook(self) -> Callable[[], None] | None:
         """What the engine calls between the layers of its next step, or None: a peer's
-        WRITE into our blocks (push) or READ out of them (pull) completes only once our
-        transport answered it, and an engine step holds that answer back for its length
-        (a whole prefill, for a pull sender). The hook answers without handling any
+        WRITE into our blocks (push) or READ out of them (pull) may complete only once our
+        transport answered it (UCX, where the messages go over tcp: between hosts), and an
+        engine step holds that answer back for its length (a whole prefill, for a pull
+        sender). The hook answers without handling any
         message, so it is safe in the middle of a step. Called once per step."""
         return None
 

@@ -191,8 +191,9 @@ class NixlTransceiver(LifecycleTransceiver):
 
     # ----------------------------------------------------------------- transfers
     def _start_write(self, req: _Req, peer: str, dst: list[int]) -> None:
-        # wake the receiver first: UCX completes our WRITE only once the receiver's worker
-        # answers its flush (see _post), and an idle receiver sleeps until nudged
+        # wake the receiver first: where the messages go over tcp, UCX completes our WRITE
+        # only once the receiver's worker answers its flush (see _post), and an idle
+        # receiver sleeps until nudged
         self._notify(peer, WriteStarted(request_id=req.request_id))
         done = WriteDone(request_id=req.request_id, checksums=req.checksums, block_runs=pack_ids(req.block_ids) if req.checksums else [])
         try:
